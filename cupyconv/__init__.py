@@ -1,0 +1,29 @@
+"""cupyconv: dilation, rectangular 2-D convolution and max-pooling, with
+gradients, for NumPy arrays (on the CPU) and CuPy arrays (on the GPU).
+
+Every function returns an array of the library it was given: NumPy in,
+NumPy out; CuPy in, CuPy out, computed by the CUDA kernels in ``cuda/``.
+"""
+
+from ._version import __version__
+from ._backend import (
+    asnumpy,
+    backend_info,
+    get_array_module,
+    gpu_available,
+    gpu_unavailable_reason,
+)
+from ._kernels import KernelCompileError
+from .dilation import dilate, undilate
+
+__all__ = [
+    "__version__",
+    "asnumpy",
+    "backend_info",
+    "get_array_module",
+    "gpu_available",
+    "gpu_unavailable_reason",
+    "KernelCompileError",
+    "dilate",
+    "undilate",
+]

@@ -1,0 +1,148 @@
+"""Kernel loading: CUDA C++ sources in ``cuda/`` compiled with ``cupy.RawModule``.
+
+Each op family lives in one ``cuda/<family>.cu`` file; its templates are
+instantiated per dtype through ``name_expressions``, declared once here in
+:data:`FAMILIES`.  A module is compiled lazily on first use, once per process
+per (source, options, device), and CuPy's on-disk cache keeps the binary across
+runs.
+
+Launch code never talks to CuPy directly: it calls :func:`get_function`, which
+asks the active *kernel provider*.  The default provider compiles with CuPy;
+the test suite swaps in a provider that compiles the same ``.cu`` files with
+the host C++ compiler (``tests/cpu_cuda``), so the package's own launch code
+runs unchanged on NumPy buffers.
+"""
+
+import contextlib
+import pathlib
+
+__all__ = ["FAMILIES", "KernelCompileError", "cuda_source_dir", "get_function"]
+
+#: Integer types that move an element of a given byte size.  Kernels that only
+#: copy elements (dilate) are instantiated per size, not per dtype.
+COPY_TYPES = {
+    1: "unsigned char",
+    2: "unsigned short",
+    4: "unsigned int",
+    8: "unsigned long long",
+    16: "cupyconv::bytes16",
+}
+
+#: C++ type of each floating dtype name, as used in name expressions.
+FLOAT_TYPES = {"float16": "__half", "float32": "float", "float64": "double"}
+
+#: C++ type of each dtype name the pooling forward supports.
+POOL_TYPES = {
+    **FLOAT_TYPES,
+    "int8": "signed char",
+    "int16": "short",
+    "int32": "int",
+    "int64": "long long",
+    "uint8": "unsigned char",
+    "uint16": "unsigned short",
+    "uint32": "unsigned int",
+    "uint64": "unsigned long long",
+}
+
+#: family -> every name expression the package may launch from cuda/<family>.cu.
+#: The CPU executor's tests and the nvcc warning check instantiate exactly these.
+FAMILIES = {
+    "dilate": tuple(f"dilate_gather<{t}>" for t in COPY_TYPES.values()),
+}
+
+#: Options every module is compiled with (the include path is added per call).
+COMPILE_OPTIONS = ("-std=c++17",)
+
+
+def cuda_source_dir():
+    """Return the folder holding the ``.cu``/``.cuh`` sources.
+
+    An installed wheel carries them as ``cupyconv/cuda``; a source checkout
+    (editable install or ``PYTHONPATH=.``) keeps them in ``cuda/`` beside the
+    package.
+    """
+    here = pathlib.Path(__file__).resolve().parent
+    for candidate in (here / "cuda", here.parent / "cuda"):
+        if (candidate / "cupyconv_common.cuh").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"cupyconv's CUDA sources were not found in {here / 'cuda'} or "
+        f"{here.parent / 'cuda'}; the installation is incomplete"
+    )
+
+
+class KernelCompileError(RuntimeError):
+    """A ``.cu`` file failed to compile; the message carries the compiler log."""
+
+
+class CupyProvider:
+    """Compile with ``cupy.RawModule``; one module per (source, options, device)."""
+
+    def __init__(self):
+        self._modules = {}
+
+    def get_function(self, source, name_expressions, name, options):
+        import cupy
+
+        device = cupy.cuda.runtime.getDevice()
+        key = (source, name_expressions, options, device)
+        module = self._modules.get(key)
+        if module is None:
+            module = cupy.RawModule(
+                code=source.read_text(),
+                options=options,
+                name_expressions=name_expressions,
+            )
+            try:
+                module.compile()
+            except cupy.cuda.compiler.CompileException as exc:
+                raise KernelCompileError(
+                    f"compiling {source} failed:\n{exc.get_message()}"
+                ) from exc
+            self._modules[key] = module
+        return module.get_function(name)
+
+
+_provider = CupyProvider()
+
+
+@contextlib.contextmanager
+def use_provider(provider):
+    """Temporarily route :func:`get_function` to ``provider`` (test support)."""
+    global _provider
+    previous, _provider = _provider, provider
+    try:
+        yield provider
+    finally:
+        _provider = previous
+
+
+def provider_runs_on_numpy():
+    """True while a provider that launches kernels on NumPy buffers is active."""
+    return getattr(_provider, "runs_on_numpy", False)
+
+
+def get_function(family, name):
+    """Return the kernel ``name`` (a name expression of ``family``), ready to launch.
+
+    The result is called like ``cupy.RawKernel``:
+    ``kernel(grid, block, args, shared_mem=0)``, with ``args`` a tuple of
+    arrays and NumPy scalars of the exact C types the kernel declares.
+    """
+    expressions = FAMILIES[family]
+    if name not in expressions:
+        raise KeyError(f"{name!r} is not declared for cuda/{family}.cu")
+    source_dir = cuda_source_dir()
+    options = COMPILE_OPTIONS + (f"-I{source_dir}",)
+    return _provider.get_function(
+        source_dir / f"{family}.cu", expressions, name, options
+    )
+
+
+def grid_for(n, threads=256, max_blocks=8192):
+    """Blocks for a grid-stride loop over ``n`` items (at least one block).
+
+    ``max_blocks * threads`` covers every SM of current GPUs many times over;
+    larger ``n`` is handled by the grid-stride loop, never by a larger grid.
+    """
+    return (max(1, min(max_blocks, -(-n // threads))),)

@@ -1,0 +1,196 @@
+"""dilate / undilate: insert zeros between elements along chosen axes, and
+take them out again.  The two are each other's adjoint, which is what a
+strided convolution's gradient is built from.
+"""
+
+import numpy
+
+from . import _args, _backend, _kernels
+
+__all__ = ["dilate", "undilate"]
+
+
+def _normalize(a, axes, dilation):
+    axes = _args.normalize_axes(axes, a.ndim)
+    dilation = _args.per_axis(dilation, len(axes), "dilation", minimum=0)
+    return axes, dilation
+
+
+def _output_shape(a, axes, dilation, shape):
+    """Shape of ``dilate``'s result: ``n*(d+1)`` per dilated axis, or ``shape``."""
+    if shape is None:
+        out = list(a.shape)
+        for axis, d in zip(axes, dilation):
+            out[axis] *= d + 1
+        return tuple(out)
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape must be a tuple of ints, got {type(shape).__name__}")
+    out = tuple(_args.as_int(s, f"shape[{i}]") for i, s in enumerate(shape))
+    if len(out) != a.ndim:
+        raise ValueError(
+            f"shape has {len(out)} entries but the input has ndim {a.ndim}"
+        )
+    steps = dict(zip(axes, dilation))
+    for axis, (n, m) in enumerate(zip(a.shape, out)):
+        if axis in steps:
+            need = max(0, (n - 1) * (steps[axis] + 1) + 1)
+            if m < need:
+                raise ValueError(
+                    f"shape[{axis}] = {m} is too small: dilating {n} elements by "
+                    f"{steps[axis]} needs at least {need}"
+                )
+        elif m != n:
+            raise ValueError(
+                f"shape[{axis}] = {m} differs from the input's {n} along an "
+                "axis that is not dilated"
+            )
+    return out
+
+
+def dilate(a, axes, dilation, *, shape=None):
+    """Insert ``dilation[i]`` zeros after every element along ``axes[i]``.
+
+    Along a dilated axis of length ``n`` with factor ``d`` the result has
+    ``n * (d + 1)`` elements: input element ``j`` lands at ``j * (d + 1)`` and
+    every other position is zero.  ``shape`` may ask for a different length,
+    at least ``(n - 1) * (d + 1) + 1`` (the last element, no trailing zeros);
+    positions past ``n * (d + 1)`` are zero too.  This is what the gradient
+    of a strided convolution needs.
+
+    Parameters
+    ----------
+    a : array_like
+        Input of any dtype, shape and memory layout.  It is not modified.
+    axes : int or sequence of int
+        Axes to dilate; negative values count from the end.  No axis may be
+        named twice (``-1`` and ``ndim - 1`` are the same axis).
+    dilation : int or sequence of int
+        Zeros inserted after each element, one value for every axis or one
+        per entry of ``axes``; each ``>= 0``.  ``0`` leaves an axis unchanged.
+    shape : sequence of int, optional
+        Shape of the result.  Equal to ``a.shape`` along axes not dilated.
+
+    Returns
+    -------
+    ndarray
+        A new C-contiguous array of ``a``'s dtype, on ``a``'s device.
+
+    Raises
+    ------
+    ValueError
+        An axis out of range or repeated; ``len(dilation) != len(axes)``;
+        a negative dilation; ``shape`` of the wrong rank, too small along a
+        dilated axis or changing another axis.
+    TypeError
+        A non-integer axis, dilation or shape entry.
+
+    See Also
+    --------
+    undilate : the adjoint, which removes the zeros again.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cupyconv as cc
+    >>> cc.dilate(np.array([[1, 2], [3, 4]]), axes=(1,), dilation=1)
+    array([[1, 0, 2, 0],
+           [3, 0, 4, 0]])
+    >>> cc.dilate(np.array([1, 2, 3]), axes=0, dilation=2, shape=(7,))
+    array([1, 0, 0, 2, 0, 0, 3])
+    """
+    xp = _backend.dispatch(a=a)
+    a = xp.asarray(a)
+    axes, dilation = _normalize(a, axes, dilation)
+    out_shape = _output_shape(a, axes, dilation, shape)
+    if _backend.use_kernels(xp):
+        step = [1] * a.ndim
+        for axis, d in zip(axes, dilation):
+            step[axis] = d + 1
+        return _gather(a, out_shape, step, a.strides)
+    out = numpy.zeros(out_shape, dtype=a.dtype)
+    out[_dilated_slices(a, axes, dilation)] = a
+    return out
+
+
+def undilate(a, axes, dilation):
+    """Keep every ``(dilation[i] + 1)``-th element along ``axes[i]``, from index 0.
+
+    An axis of length ``m`` keeps ``ceil(m / (d + 1))`` elements.  This is the
+    adjoint of :func:`dilate`: ``undilate(dilate(a)) == a`` and
+    ``sum(dilate(a) * b) == sum(a * undilate(b))``.
+
+    Parameters
+    ----------
+    a : array_like
+        Input of any dtype, shape and memory layout.  It is not modified.
+    axes : int or sequence of int
+        Axes to undilate; negative values count from the end; no repeats.
+    dilation : int or sequence of int
+        The factor ``d`` of each axis (``>= 0``), one for all or one per axis.
+
+    Returns
+    -------
+    ndarray
+        A new C-contiguous array of ``a``'s dtype, on ``a``'s device.
+
+    Raises
+    ------
+    ValueError
+        An axis out of range or repeated; ``len(dilation) != len(axes)``;
+        a negative dilation.
+    TypeError
+        A non-integer axis or dilation.
+
+    See Also
+    --------
+    dilate : the adjoint, which inserts the zeros.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cupyconv as cc
+    >>> cc.undilate(np.array([[1, 0, 2, 0], [3, 0, 4, 0]]), axes=-1, dilation=1)
+    array([[1, 2],
+           [3, 4]])
+    >>> cc.undilate(np.arange(7), axes=0, dilation=2)
+    array([0, 3, 6])
+    """
+    xp = _backend.dispatch(a=a)
+    a = xp.asarray(a)
+    axes, dilation = _normalize(a, axes, dilation)
+    view = a[_dilated_slices(a, axes, dilation, keep_all=True)]
+    if _backend.use_kernels(xp):
+        return _gather(view, view.shape, (1,) * a.ndim, view.strides)
+    return view.copy()
+
+
+def _dilated_slices(a, axes, dilation, keep_all=False):
+    """Slices selecting every (d+1)-th position along each dilated axis.
+
+    For ``dilate`` they select the ``n`` positions the input lands on in the
+    output; with ``keep_all`` they select every such position of ``a`` itself.
+    """
+    slices = [slice(None)] * a.ndim
+    for axis, d in zip(axes, dilation):
+        stop = None if keep_all else max(0, (a.shape[axis] - 1) * (d + 1) + 1)
+        slices[axis] = slice(0, stop, d + 1)
+    return tuple(slices)
+
+
+def _gather(a, out_shape, step, in_strides):
+    """Launch ``dilate_gather``: out[o] = a[o // step] where o % step == 0."""
+    xp = _backend.array_module_of(a)
+    out = xp.empty(out_shape, dtype=a.dtype)
+    if out.size == 0:
+        return out
+    type_name = _kernels.COPY_TYPES.get(a.dtype.itemsize)
+    if type_name is None or a.dtype.hasobject:
+        raise TypeError(f"dtype {a.dtype} is not supported on the GPU")
+    meta = numpy.array([out_shape, a.shape, step, in_strides], dtype=numpy.int64)
+    kernel = _kernels.get_function("dilate", f"dilate_gather<{type_name}>")
+    kernel(
+        _kernels.grid_for(out.size),
+        (256,),
+        (a, out, xp.asarray(meta), numpy.int64(out.size), numpy.int32(a.ndim)),
+    )
+    return out
