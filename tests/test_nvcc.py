@@ -1,0 +1,44 @@
+"""Every .cu file compiles without warnings under nvcc for sm_80 and sm_90.
+
+Each family is compiled as NVRTC compiles it for CuPy: the .cu file with every
+name expression of ``_kernels.FAMILIES`` instantiated (by taking its address).
+"""
+
+import shutil
+import subprocess
+
+import pytest
+
+from cupyconv import _kernels
+
+NVCC = shutil.which("nvcc")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH"),
+]
+
+
+@pytest.mark.parametrize("family", sorted(_kernels.FAMILIES))
+def test_family_compiles_without_warnings(family, tmp_path):
+    source_dir = _kernels.cuda_source_dir()
+    addresses = ",\n    ".join(
+        f"reinterpret_cast<const void*>(&{name})" for name in _kernels.FAMILIES[family])
+    unit = tmp_path / f"{family}_instances.cu"
+    unit.write_text(
+        f'#include "{family}.cu"\n'
+        f"const void* cupyconv_instances[] = {{\n    {addresses}\n}};\n")
+    command = [
+        NVCC, "-std=c++17", "-c", str(unit), "-o", str(tmp_path / "out.o"),
+        f"-I{source_dir}", "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror",
+        "-gencode", "arch=compute_80,code=sm_80",
+        "-gencode", "arch=compute_90,code=sm_90",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr}"
+    assert "warning" not in result.stderr.lower(), result.stderr
+
+
+def test_every_cu_file_is_a_family():
+    sources = {p.stem for p in _kernels.cuda_source_dir().glob("*.cu")}
+    assert sources == set(_kernels.FAMILIES)
