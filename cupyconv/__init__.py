@@ -14,7 +14,9 @@ from ._backend import (
     gpu_unavailable_reason,
 )
 from ._kernels import KernelCompileError
+from .convolution import conv2d, conv2d_input, conv2d_weight
 from .dilation import dilate, undilate
+from .pooling import max_pool2d, max_pool2d_backward
 
 __all__ = [
     "__version__",
@@ -24,6 +26,11 @@ __all__ = [
     "gpu_available",
     "gpu_unavailable_reason",
     "KernelCompileError",
+    "conv2d",
+    "conv2d_input",
+    "conv2d_weight",
     "dilate",
     "undilate",
+    "max_pool2d",
+    "max_pool2d_backward",
 ]

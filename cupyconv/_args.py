@@ -3,6 +3,7 @@ layouts, dtypes and output sizes.  Every error names the argument at fault.
 """
 
 import operator
+import typing
 
 import numpy
 
@@ -164,3 +165,141 @@ def pool_output_size(size, kernel, stride, padding, dilation, ceil_mode):
     else:
         out = span // stride + 1
     return out
+
+
+def pool_window(kernel_size, stride, padding, dilation):
+    """``(kernel, stride, padding, dilation)`` of a 2-D max-pool as ``(h, w)``
+    pairs.  ``stride=None`` means ``kernel_size``; padding is at most
+    ``kernel_size // 2`` per axis, as in PyTorch."""
+    kernel = pair(kernel_size, "kernel_size", minimum=1)
+    stride = kernel if stride is None else pair(stride, "stride", minimum=1)
+    padding = pair(padding, "padding", minimum=0)
+    dilation = pair(dilation, "dilation", minimum=1)
+    for axis, k, p in zip("hw", kernel, padding):
+        if p > k // 2:
+            raise ValueError(
+                f"padding must be at most kernel_size // 2 along each axis, "
+                f"got padding {p} for kernel_size {k} along {axis}"
+            )
+    return kernel, stride, padding, dilation
+
+
+def pool_output_shape(size, kernel, stride, padding, dilation, ceil_mode):
+    """``(OH, OW)`` of a 2-D max-pool of an ``(H, W)`` image (all ``(h, w)``
+    pairs), per axis ``pool_output_size``.  Every window must hold at least one
+    input element: a dilated window whose taps all fall in the padding or step
+    over the image (which PyTorch answers with -inf and a meaningless index) is
+    rejected."""
+    if not isinstance(ceil_mode, (bool, numpy.bool_)):
+        raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
+    shape = []
+    for axis, n, k, s, p, d in zip("hw", size, kernel, stride, padding, dilation):
+        out = pool_output_size(n, k, s, p, d, ceil_mode)
+        if out < 1:
+            raise ValueError(
+                f"kernel_size {k} (dilation {d}) is larger than the input "
+                f"along {axis}: {n} + 2*padding {p} < {d * (k - 1) + 1}"
+            )
+        # First tap of each window at or after row/column 0; empty if none
+        # is left or it lies past the end.
+        start = numpy.arange(out, dtype=numpy.int64) * s - p
+        first = numpy.maximum(0, -(start // d))
+        if numpy.any((first >= k) | (start + first * d >= n)):
+            raise ValueError(
+                f"dilation {d} along {axis} leaves a window with no input "
+                f"element (input {n}, kernel_size {k}, padding {p})"
+            )
+        shape.append(out)
+    return tuple(shape)
+
+
+def shape_arg(value, ndim, name):
+    """``value`` (a sequence of ``ndim`` non-negative ints) as a tuple."""
+    if not isinstance(value, (tuple, list)):
+        raise TypeError(
+            f"{name} must be a tuple of {ndim} ints, got {type(value).__name__}"
+        )
+    if len(value) != ndim:
+        raise ValueError(
+            f"{name} must have {ndim} entries, got {len(value)}: {tuple(value)!r}"
+        )
+    shape = tuple(as_int(v, f"{name}[{i}]") for i, v in enumerate(value))
+    if min(shape) < 0:
+        raise ValueError(f"{name} entries must be >= 0, got {shape!r}")
+    return shape
+
+
+class ConvGeometry(typing.NamedTuple):
+    """One 2-D convolution, normalised: sizes, ``(h, w)`` pairs, explicit
+    padding ``((top, bottom), (left, right))`` and the output size."""
+
+    batch: int
+    in_channels: int
+    out_channels: int
+    in_hw: tuple
+    kernel: tuple
+    out_hw: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    layout: str
+
+    @property
+    def out_shape(self):
+        """Shape of the convolution's output in ``layout``."""
+        n, c, (oh, ow) = self.batch, self.out_channels, self.out_hw
+        return (n, oh, ow, c) if self.layout == "NHWC" else (n, c, oh, ow)
+
+
+def conv2d_geometry(x_shape, w_shape, stride, padding, dilation, groups, layout,
+                    x_name="x", w_name="w"):
+    """Check a 2-D convolution's arguments and return its :class:`ConvGeometry`.
+
+    ``x_shape`` is ``(N, H, W, C_in)`` (NHWC) or ``(N, C_in, H, W)`` (NCHW);
+    ``w_shape`` is ``(kh, kw, C_in // groups, C_out)`` or ``(C_out,
+    C_in // groups, kh, kw)``.  ``x_name`` and ``w_name`` name the arguments
+    the shapes came from in error messages.  The output is
+    ``(H + top + bottom - dh*(kh - 1) - 1) // sh + 1`` rows by the same along W.
+    """
+    layout = check_layout(layout)
+    groups = as_int(groups, "groups")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    stride = pair(stride, "stride", minimum=1)
+    dilation = pair(dilation, "dilation", minimum=1)
+    n, c_in, h, w = spatial_shape(x_shape, layout)
+    if layout == "NHWC":
+        kh, kw, cin_per_group, c_out = w_shape
+    else:
+        c_out, cin_per_group, kh, kw = w_shape
+    if min(kh, kw) < 1:
+        raise ValueError(f"{w_name} must have a kernel of at least 1x1, got {kh}x{kw}")
+    if c_in % groups:
+        raise ValueError(
+            f"groups={groups} does not divide the {c_in} input channels of {x_name}"
+        )
+    if c_out % groups:
+        raise ValueError(
+            f"groups={groups} does not divide the {c_out} output channels of {w_name}"
+        )
+    if cin_per_group * groups != c_in:
+        raise ValueError(
+            f"{w_name} has {cin_per_group} input channels per group but {x_name} "
+            f"has {c_in} channels in {groups} group(s) ({c_in // groups} per group)"
+        )
+    padding = conv_padding(padding, (kh, kw), stride, dilation, (h, w))
+    out_hw = tuple(
+        conv_output_size(size, k, s, before, after, d)
+        for size, k, s, (before, after), d in zip(
+            (h, w), (kh, kw), stride, padding, dilation)
+    )
+    if min(out_hw) < 1:
+        raise ValueError(
+            f"output size {out_hw[0]}x{out_hw[1]} is below 1: {x_name}'s padded "
+            f"size {h + sum(padding[0])}x{w + sum(padding[1])} is smaller than "
+            f"the dilated kernel {dilation[0] * (kh - 1) + 1}x"
+            f"{dilation[1] * (kw - 1) + 1} of {w_name}"
+        )
+    return ConvGeometry(n, c_in, c_out, (h, w), (kh, kw), out_hw, stride,
+                        padding, dilation, groups, layout)

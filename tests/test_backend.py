@@ -101,3 +101,27 @@ def test_main_prints_backend_and_self_check():
     assert "cupyconv " + cc.__version__ in out.stdout
     assert "backend:" in out.stdout and "dilate/undilate" in out.stdout
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_compile_error_names_the_file_and_carries_the_log(monkeypatch, fake_cupy):
+    """The CuPy provider turns NVRTC's exception into KernelCompileError."""
+
+    class CompileException(Exception):
+        def get_message(self):
+            return "dilate.cu(12): error: expected a ';'"
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            assert "dilate_gather" in code and "-std=c++17" in options
+            assert any(o.startswith("-I") for o in options)
+
+        def compile(self):
+            raise CompileException()
+
+    fake_cupy.RawModule = RawModule
+    fake_cupy.cuda = types.SimpleNamespace(
+        compiler=types.SimpleNamespace(CompileException=CompileException),
+        runtime=types.SimpleNamespace(getDevice=lambda: 0))
+    with _kernels.use_provider(_kernels.CupyProvider()):
+        with pytest.raises(cc.KernelCompileError, match=r"dilate\.cu failed:\n.*expected a ';'"):
+            _kernels.get_function("dilate", _kernels.FAMILIES["dilate"][0])

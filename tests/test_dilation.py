@@ -190,7 +190,7 @@ def test_adjointness(case, extra, rnd):
     """sum(dilate(a) * b) == sum(a * undilate(b)); with a larger ``shape`` the
     adjoint is undilate cropped to a's shape."""
     a, axes, dilation = case
-    a = a.astype(np.float64)
+    a = a.astype(np.result_type(a.dtype, np.float64))
     shape = list(cc.dilate(a, axes, dilation).shape)
     for axis in axes:
         shape[axis % a.ndim] += extra

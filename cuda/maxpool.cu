@@ -1,0 +1,291 @@
+// 2-D max-pooling over the H and W axes of C-contiguous NHWC or NCHW arrays:
+// forward (values and, when asked, the flat index h*W + w of each window's
+// pick within its input plane) and gradient.
+//
+// A window picks its first maximum in row-major window order; a NaN beats
+// every number and the first NaN wins.  Taps outside the input are skipped,
+// never read: padding acts as -inf (the dtype's minimum for integers) that is
+// never picked.  The Python side rejects windows with no input element.
+//
+// Two kernels per direction: a general one (any window, stride, padding,
+// dilation, ceil_mode; one thread per output element forward, a deterministic
+// gather per input element backward) and one for the 2x1 window with stride
+// (2, 1), which reads each input row pair once with 16-byte loads.
+#include "cupyconv_common.cuh"
+
+using cupyconv::index_t;
+
+namespace cupyconv {
+namespace pool {
+
+// Whether v replaces best as a window's pick (strictly greater, or the first
+// NaN).  Integers have no NaN; float16 compares in float32 (exact).
+template <typename T>
+__device__ __forceinline__ bool beats(T v, T best) { return v > best; }
+template <>
+__device__ __forceinline__ bool beats<float>(float v, float best) {
+    return v > best || (isnan(v) && !isnan(best));
+}
+template <>
+__device__ __forceinline__ bool beats<double>(double v, double best) {
+    return v > best || (isnan(v) && !isnan(best));
+}
+template <>
+__device__ __forceinline__ bool beats<__half>(__half v, __half best) {
+    return beats(__half2float(v), __half2float(best));
+}
+
+// N consecutive elements moved as one aligned load/store (16 bytes at most
+// per instruction; a larger pack is stored as several 16-byte pieces).
+template <typename T, int N>
+struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) pack {
+    T v[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ pack<T, N> load(const T* p) {
+    return *reinterpret_cast<const pack<T, N>*>(p);
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store(T* p, const pack<T, N>& value) {
+    *reinterpret_cast<pack<T, N>*>(p) = value;
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<size_t>(p) & 15) == 0;
+}
+
+// The 2x1 kernels see the input as (planes, H, row): NHWC has planes = N and
+// row = W*C; NCHW has planes = N*C and row = W.  Row element l belongs to
+// image column l / inner (inner = C for NHWC, 1 for NCHW).  Each thread owns
+// N consecutive row elements (N divides row), so one image column advances
+// every `inner` elements.
+struct columns {
+    index_t w, rest, inner;
+    __device__ __forceinline__ columns(index_t l, index_t inner_)
+        : w(l / inner_), rest(l % inner_), inner(inner_) {}
+    __device__ __forceinline__ void next() {
+        if (++rest == inner) { rest = 0; ++w; }
+    }
+};
+
+// Forward over output row elements [N*v, N*v + N) for every v of the grid.
+template <int N, typename T>
+__device__ __forceinline__ void pool2x1_forward(
+        const T* __restrict__ in, T* __restrict__ out, index_t* __restrict__ indices,
+        bool with_indices, index_t planes, index_t H, index_t OH, index_t row,
+        index_t inner, index_t W) {
+    const index_t n_packs = planes * OH * row / N;
+    for (index_t v = global_thread_id(); v < n_packs; v += grid_stride()) {
+        const index_t o = v * N;
+        const index_t out_row = o / row;  // plane * OH + oh
+        const index_t l = o - out_row * row;
+        const index_t plane = out_row / OH;
+        const index_t oh = out_row - plane * OH;
+        const index_t top = (plane * H + 2 * oh) * row + l;
+        // With ceil_mode an odd H leaves a last window of one row.
+        const bool has_bottom = 2 * oh + 1 < H;
+        const pack<T, N> a = load<N>(in + top);
+        const pack<T, N> b = has_bottom ? load<N>(in + top + row) : a;
+        pack<T, N> picked;
+        bool bottom[N];
+        for (int k = 0; k < N; ++k) {
+            bottom[k] = has_bottom && beats(b.v[k], a.v[k]);
+            picked.v[k] = bottom[k] ? b.v[k] : a.v[k];
+        }
+        store<N>(out + o, picked);
+        if (with_indices) {
+            pack<index_t, N> at;
+            columns col(l, inner);
+            for (int k = 0; k < N; ++k) {
+                at.v[k] = (2 * oh + bottom[k]) * W + col.w;
+                col.next();
+            }
+            store<N>(indices + o, at);
+        }
+    }
+}
+
+// Gradient over input row-pair elements: row pair q of a plane is window q
+// (rows 2q and 2q+1); a last odd row outside every window gets zeros.  The
+// pick comes from the indices when given, else from the input values.
+template <int N, typename T>
+__device__ __forceinline__ void pool2x1_backward(
+        const T* __restrict__ grad_out, const T* __restrict__ in,
+        const index_t* __restrict__ indices, bool with_indices,
+        T* __restrict__ grad_in, index_t planes, index_t H, index_t OH,
+        index_t row, index_t inner, index_t W) {
+    const index_t pairs = (H + 1) / 2;
+    const index_t n_packs = planes * pairs * row / N;
+    const T zero = from_acc<T>(0);
+    for (index_t v = global_thread_id(); v < n_packs; v += grid_stride()) {
+        const index_t e = v * N;
+        const index_t pair_row = e / row;  // plane * pairs + q
+        const index_t l = e - pair_row * row;
+        const index_t plane = pair_row / pairs;
+        const index_t q = pair_row - plane * pairs;
+        const index_t top = (plane * H + 2 * q) * row + l;
+        const bool has_bottom = 2 * q + 1 < H;
+        pack<T, N> g_top, g_bottom;
+        if (q < OH) {
+            const index_t o = (plane * OH + q) * row + l;
+            const pack<T, N> g = load<N>(grad_out + o);
+            if (with_indices) {
+                const pack<index_t, N> at = load<N>(indices + o);
+                columns col(l, inner);
+                for (int k = 0; k < N; ++k) {
+                    const index_t top_at = 2 * q * W + col.w;
+                    g_top.v[k] = at.v[k] == top_at ? g.v[k] : zero;
+                    g_bottom.v[k] = at.v[k] == top_at + W ? g.v[k] : zero;
+                    col.next();
+                }
+            } else {
+                const pack<T, N> a = load<N>(in + top);
+                const pack<T, N> b = has_bottom ? load<N>(in + top + row) : a;
+                for (int k = 0; k < N; ++k) {
+                    const bool bottom = has_bottom && beats(b.v[k], a.v[k]);
+                    g_top.v[k] = bottom ? zero : g.v[k];
+                    g_bottom.v[k] = bottom ? g.v[k] : zero;
+                }
+            }
+        } else {
+            for (int k = 0; k < N; ++k) g_top.v[k] = g_bottom.v[k] = zero;
+        }
+        store<N>(grad_in + top, g_top);
+        if (has_bottom) store<N>(grad_in + top + row, g_bottom);
+    }
+}
+
+// Element (n, c, h, w) of an NHWC or NCHW array of C channels, H x W images.
+__device__ __forceinline__ index_t element_at(bool channels_last, index_t n, index_t c,
+                                              index_t h, index_t w, index_t C,
+                                              index_t H, index_t W) {
+    return channels_last ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
+}
+
+// (n, c, y, x) of flat element i of an NHWC or NCHW array of Y x X images.
+__device__ __forceinline__ void split(bool channels_last, index_t i, index_t C,
+                                      index_t Y, index_t X, index_t& n, index_t& c,
+                                      index_t& y, index_t& x) {
+    if (channels_last) {
+        c = i % C; i /= C;
+        x = i % X; i /= X;
+        y = i % Y; n = i / Y;
+    } else {
+        x = i % X; i /= X;
+        y = i % Y; i /= Y;
+        c = i % C; n = i / C;
+    }
+}
+
+}  // namespace pool
+}  // namespace cupyconv
+
+// Forward of the 2x1 window with stride (2, 1), no padding: output row oh is
+// the elementwise pick of input rows 2*oh and 2*oh + 1 (the last window has
+// one row when ceil_mode meets an odd H).  16-byte packs when the row length
+// and every pointer allow, one element per thread otherwise.  `indices` is
+// written only when with_indices is nonzero (it may then be any int64 array).
+template <typename T>
+__global__ void maxpool2x1_fwd(const T* __restrict__ in, T* __restrict__ out,
+                               index_t* __restrict__ indices, int with_indices,
+                               index_t planes, index_t H, index_t OH, index_t row,
+                               index_t inner, index_t W) {
+    constexpr int wide = 16 / sizeof(T);
+    if (row % wide == 0 && cupyconv::pool::aligned16(in) &&
+            cupyconv::pool::aligned16(out) &&
+            (!with_indices || cupyconv::pool::aligned16(indices))) {
+        cupyconv::pool::pool2x1_forward<wide>(in, out, indices, with_indices != 0,
+                                              planes, H, OH, row, inner, W);
+    } else {
+        cupyconv::pool::pool2x1_forward<1>(in, out, indices, with_indices != 0,
+                                           planes, H, OH, row, inner, W);
+    }
+}
+
+// Gradient of the 2x1 window with stride (2, 1) in one pass over the input:
+// each window sends grad_out to the element it picked, the other gets zero.
+// The pick comes from `indices` when with_indices is nonzero (then `in` is
+// not read), else from the input values `in`.
+template <typename T>
+__global__ void maxpool2x1_bwd(const T* __restrict__ grad_out, const T* __restrict__ in,
+                               const index_t* __restrict__ indices, int with_indices,
+                               T* __restrict__ grad_in, index_t planes, index_t H,
+                               index_t OH, index_t row, index_t inner, index_t W) {
+    constexpr int wide = 16 / sizeof(T);
+    if (row % wide == 0 && cupyconv::pool::aligned16(grad_out) &&
+            cupyconv::pool::aligned16(grad_in) &&
+            (with_indices ? cupyconv::pool::aligned16(indices)
+                          : cupyconv::pool::aligned16(in))) {
+        cupyconv::pool::pool2x1_backward<wide>(grad_out, in, indices, with_indices != 0,
+                                               grad_in, planes, H, OH, row, inner, W);
+    } else {
+        cupyconv::pool::pool2x1_backward<1>(grad_out, in, indices, with_indices != 0,
+                                            grad_in, planes, H, OH, row, inner, W);
+    }
+}
+
+// Forward of any window: one thread per output element walks its kh x kw
+// taps in row-major order, skipping those outside the input.
+template <typename T>
+__global__ void maxpool_fwd(const T* __restrict__ in, T* __restrict__ out,
+                            index_t* __restrict__ indices, int with_indices,
+                            index_t n_out, int channels_last, index_t C, index_t H,
+                            index_t W, index_t OH, index_t OW, index_t kh, index_t kw,
+                            index_t sh, index_t sw, index_t ph, index_t pw, index_t dh,
+                            index_t dw) {
+    for (index_t o = cupyconv::global_thread_id(); o < n_out;
+         o += cupyconv::grid_stride()) {
+        index_t n, c, oh, ow;
+        cupyconv::pool::split(channels_last, o, C, OH, OW, n, c, oh, ow);
+        T best = T();
+        index_t best_at = -1;
+        for (index_t i = 0; i < kh; ++i) {
+            const index_t h = oh * sh - ph + i * dh;
+            if (h < 0 || h >= H) continue;
+            for (index_t j = 0; j < kw; ++j) {
+                const index_t w = ow * sw - pw + j * dw;
+                if (w < 0 || w >= W) continue;
+                const T v = in[cupyconv::pool::element_at(channels_last, n, c, h, w, C, H, W)];
+                if (best_at < 0 || cupyconv::pool::beats(v, best)) {
+                    best = v;
+                    best_at = h * W + w;
+                }
+            }
+        }
+        out[o] = best;
+        if (with_indices) indices[o] = best_at;
+    }
+}
+
+// Gradient of any window as a gather: input element (h, w) visits the
+// windows that contain it in tap order (i, j) and adds the gradient of each
+// window whose index picked it.  No atomics; a fixed summation order, so the
+// result is deterministic (float16 sums in float32).
+template <typename T>
+__global__ void maxpool_bwd(const T* __restrict__ grad_out,
+                            const index_t* __restrict__ indices, T* __restrict__ grad_in,
+                            index_t n_in, int channels_last, index_t C, index_t H,
+                            index_t W, index_t OH, index_t OW, index_t kh, index_t kw,
+                            index_t sh, index_t sw, index_t ph, index_t pw, index_t dh,
+                            index_t dw) {
+    for (index_t e = cupyconv::global_thread_id(); e < n_in;
+         e += cupyconv::grid_stride()) {
+        index_t n, c, h, w;
+        cupyconv::pool::split(channels_last, e, C, H, W, n, c, h, w);
+        typename cupyconv::accumulator<T>::type sum = 0;
+        for (index_t i = 0; i < kh; ++i) {
+            const index_t y = h + ph - i * dh;  // oh * sh when window oh holds h
+            if (y < 0 || y % sh != 0 || y / sh >= OH) continue;
+            for (index_t j = 0; j < kw; ++j) {
+                const index_t x = w + pw - j * dw;
+                if (x < 0 || x % sw != 0 || x / sw >= OW) continue;
+                const index_t o = cupyconv::pool::element_at(channels_last, n, c, y / sh,
+                                                             x / sw, C, OH, OW);
+                if (indices[o] == h * W + w) sum += cupyconv::to_acc(grad_out[o]);
+            }
+        }
+        grad_in[e] = cupyconv::from_acc<T>(sum);
+    }
+}

@@ -1,0 +1,517 @@
+"""conv2d and its two gradients, conv2d_input and conv2d_weight.
+
+The NumPy path treats convolution as a matrix product ("im2col"), like
+Chainer's ``chainer.utils.conv``.  The input is copied once into a zero-padded,
+channels-last buffer (which also upcasts float16 and undoes NCHW).  Then, one
+block of output pixels at a time, the patch every output pixel reads is
+gathered into a matrix with one row per pixel and one column per (tap,
+channel) of a group -- one strided copy per kernel tap -- and a single BLAS
+product per group gives the block's output.  Blocks hold a few MiB, so the
+gathered matrix stays in cache and peak memory stays near the size of the
+input plus the output, whatever the kernel size.
+
+The gradients reuse the same tap geometry: ``conv2d_weight`` multiplies the
+gathered matrix's transpose by ``grad_out``; ``conv2d_input`` multiplies
+``grad_out`` by the weights' transpose and adds each tap's columns back where
+they were gathered from ("col2im"), so input pixels that no tap reads (the
+stride skips them) get zero gradient.
+"""
+
+import numpy
+
+from . import _args, _backend
+
+__all__ = ["conv2d", "conv2d_input", "conv2d_weight"]
+
+#: Elements of the gathered matrix per block (2 MiB of float32): big enough
+#: for efficient BLAS calls, small enough to stay in a core's L2 cache, which
+#: measured fastest for the gather, the products and the scatter alike.
+_BLOCK_ELEMENTS = 2**19
+
+
+def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
+           layout="NHWC"):
+    """2-D convolution (cross-correlation, as in deep learning) with a
+    rectangular kernel.
+
+    With ``layout="NHWC"``::
+
+        y[n, oh, ow, co] = bias[co] + sum over i, j, c of
+            xpad[n, oh*sh + i*dh, ow*sw + j*dw, g*C_in/groups + c] * w[i, j, c, co]
+
+    where ``g = co // (C_out/groups)`` is the group of output channel ``co``
+    and ``xpad`` is ``x`` with ``top``/``bottom`` zero rows and
+    ``left``/``right`` zero columns.  The output size is::
+
+        OH = (H + top + bottom - dh*(kh - 1) - 1) // sh + 1
+        OW = (W + left + right - dw*(kw - 1) - 1) // sw + 1
+
+    Parameters
+    ----------
+    x : array_like
+        Input, ``(N, H, W, C_in)`` for NHWC or ``(N, C_in, H, W)`` for NCHW;
+        float16, float32 or float64.  Any memory layout.
+    w : array_like
+        Kernel, ``(kh, kw, C_in // groups, C_out)`` for NHWC (HWIO) or
+        ``(C_out, C_in // groups, kh, kw)`` for NCHW (PyTorch's); ``x``'s dtype.
+    bias : array_like, optional
+        ``(C_out,)``, added to every output pixel; ``x``'s dtype.
+    stride : int or (int, int), optional
+        ``(sh, sw)``, each >= 1.
+    padding : int, (int, int), ((int, int), (int, int)), 'valid' or 'same'
+        Zero padding: ``p`` on every side, ``(ph, pw)`` on both sides of each
+        axis, ``((top, bottom), (left, right))``, ``'valid'`` (none) or
+        ``'same'``: ``OH = ceil(H / sh)``, ``OW = ceil(W / sw)``, with the
+        extra row or column of an odd total at the bottom or right (as JAX and
+        TensorFlow place it).
+    dilation : int or (int, int), optional
+        ``(dh, dw)``, the spacing of kernel taps, each >= 1.
+    groups : int, optional
+        Channel groups (>= 1, dividing ``C_in`` and ``C_out``): output channel
+        group ``g`` sees only input channel group ``g``.  ``groups = C_in``
+        is a depthwise convolution.
+    layout : {'NHWC', 'NCHW'}, optional
+        Layout of ``x``, ``w`` and the result.
+
+    Returns
+    -------
+    ndarray
+        ``(N, OH, OW, C_out)`` for NHWC or ``(N, C_out, OH, OW)`` for NCHW, a
+        new C-contiguous array of ``x``'s dtype on ``x``'s device.  float16
+        products are accumulated in float32.
+
+    Raises
+    ------
+    ValueError
+        ``x`` or ``w`` not 4-D; ``w``'s input channels times ``groups``
+        differing from ``x``'s channels; ``groups`` not dividing ``C_in`` or
+        ``C_out``; ``groups``, ``stride`` or ``dilation`` below 1; negative
+        ``padding`` or an unknown padding string; an output size below 1;
+        ``bias`` not of shape ``(C_out,)``; an unknown ``layout``.
+    TypeError
+        Integer or differing dtypes of ``x``, ``w``, ``bias``; non-integer
+        ``stride``, ``padding``, ``dilation`` or ``groups``; CuPy arrays mixed
+        with NumPy arrays.
+
+    See Also
+    --------
+    conv2d_input, conv2d_weight : the gradients with respect to ``x`` and ``w``.
+
+    Examples
+    --------
+    A 3x2 kernel of ones sums each 3x2 patch; ``4 - 3 + 1 = 2`` rows and
+    ``4 - 2 + 1 = 3`` columns come out:
+
+    >>> import numpy as np
+    >>> import cupyconv as cc
+    >>> x = np.arange(16.0).reshape(1, 4, 4, 1)
+    >>> w = np.ones((3, 2, 1, 1))
+    >>> cc.conv2d(x, w)[0, :, :, 0]
+    array([[27., 33., 39.],
+           [51., 57., 63.]])
+
+    ``'same'`` padding with stride 2 gives ``ceil(7 / 2) = 4`` rows and
+    ``ceil(5 / 2) = 3`` columns, here in PyTorch's layout:
+
+    >>> x = np.ones((2, 3, 7, 5), dtype=np.float32)
+    >>> w = np.ones((8, 3, 5, 3), dtype=np.float32)
+    >>> cc.conv2d(x, w, stride=2, padding="same", layout="NCHW").shape
+    (2, 8, 4, 3)
+    """
+    xp = _backend.dispatch(x=x, w=w, bias=bias)
+    x, w = xp.asarray(x), xp.asarray(w)
+    bias = None if bias is None else xp.asarray(bias)
+    _args.check_ndim(x, 4, "x")
+    _args.check_ndim(w, 4, "w")
+    geom = _args.conv2d_geometry(x.shape, w.shape, stride, padding, dilation,
+                                 groups, layout)
+    _args.common_float_dtype(x=x, w=w, bias=bias)
+    if bias is not None and bias.shape != (geom.out_channels,):
+        raise ValueError(
+            f"bias must have shape (C_out,) = ({geom.out_channels},), "
+            f"got {tuple(bias.shape)}"
+        )
+    if _backend.use_kernels(xp):
+        from . import _conv2d_cuda
+
+        return _conv2d_cuda.conv2d_forward(
+            x, w, bias, geom.stride, geom.padding, geom.dilation, geom.groups,
+            geom.layout, geom.out_hw)
+    return _forward(x, w, bias, geom)
+
+
+def conv2d_input(input_shape, w, grad_out, *, stride=1, padding=0, dilation=1,
+                 groups=1, layout="NHWC"):
+    """Gradient of a :func:`conv2d` with respect to its input ``x``.
+
+    Returns ``d/dx sum(conv2d(x, w, ...) * grad_out)``, which does not depend
+    on ``x``, only on its shape (the name follows
+    ``torch.nn.grad.conv2d_input``).  Input pixels that no kernel tap reads
+    (a stride larger than the dilated kernel steps over them) get zero.  The
+    gradient with respect to ``bias`` needs no function: it is ``grad_out``
+    summed over N, H and W.
+
+    Parameters
+    ----------
+    input_shape : tuple of int
+        Shape of ``x``, in ``layout``.  With ``padding='same'`` the padding is
+        worked out from it, as :func:`conv2d` did.
+    w : array_like
+        Kernel of the convolution, as for :func:`conv2d`.
+    grad_out : array_like
+        Gradient with respect to the convolution's output: the output's
+        shape, ``(N, OH, OW, C_out)`` or ``(N, C_out, OH, OW)``; ``w``'s dtype.
+    stride, padding, dilation, groups, layout
+        As for :func:`conv2d`.
+
+    Returns
+    -------
+    ndarray
+        ``input_shape``, ``w``'s dtype, on ``w``'s device.
+
+    Raises
+    ------
+    ValueError
+        ``input_shape`` without 4 entries or with a negative one; ``grad_out``
+        not of the convolution's output shape; anything :func:`conv2d` rejects
+        in its ``x`` and ``w``.
+    TypeError
+        A non-integer ``input_shape`` entry; integer or differing dtypes of
+        ``w`` and ``grad_out``; the argument types :func:`conv2d` rejects.
+
+    See Also
+    --------
+    conv2d, conv2d_weight
+
+    Examples
+    --------
+    With all-ones kernel and gradient, each input pixel gets the number of
+    3x3 windows that cover it; ``grad_out`` summed over N, H, W is the
+    gradient of the bias:
+
+    >>> import numpy as np
+    >>> import cupyconv as cc
+    >>> w = np.ones((3, 3, 1, 1))
+    >>> grad_out = np.ones((1, 2, 2, 1))  # (4 - 3 + 1) x (4 - 3 + 1)
+    >>> cc.conv2d_input((1, 4, 4, 1), w, grad_out)[0, :, :, 0]
+    array([[1., 2., 2., 1.],
+           [2., 4., 4., 2.],
+           [2., 4., 4., 2.],
+           [1., 2., 2., 1.]])
+    >>> grad_out.sum(axis=(0, 1, 2))  # the bias gradient (NCHW: axis=(0, 2, 3))
+    array([4.])
+    """
+    xp = _backend.dispatch(w=w, grad_out=grad_out)
+    w, grad_out = xp.asarray(w), xp.asarray(grad_out)
+    input_shape = _args.shape_arg(input_shape, 4, "input_shape")
+    _args.check_ndim(w, 4, "w")
+    geom = _args.conv2d_geometry(input_shape, w.shape, stride, padding,
+                                 dilation, groups, layout, x_name="input_shape")
+    _check_grad_out(grad_out, geom)
+    _args.common_float_dtype(w=w, grad_out=grad_out)
+    if _backend.use_kernels(xp):
+        from . import _conv2d_cuda
+
+        return _conv2d_cuda.conv2d_input_grad(
+            w, grad_out, input_shape, geom.stride, geom.padding, geom.dilation,
+            geom.groups, geom.layout)
+    return _input_grad(w, grad_out, geom)
+
+
+def conv2d_weight(x, weight_shape, grad_out, *, stride=1, padding=0,
+                  dilation=1, groups=1, layout="NHWC"):
+    """Gradient of a :func:`conv2d` with respect to its kernel ``w``.
+
+    Returns ``d/dw sum(conv2d(x, w, ...) * grad_out)``, which does not depend
+    on ``w``, only on its shape (the name follows
+    ``torch.nn.grad.conv2d_weight``).  The gradient with respect to ``bias``
+    is ``grad_out`` summed over N, H and W.
+
+    Parameters
+    ----------
+    x : array_like
+        Input of the convolution, as for :func:`conv2d`.
+    weight_shape : tuple of int
+        Shape of ``w``, in ``layout``: ``(kh, kw, C_in // groups, C_out)`` or
+        ``(C_out, C_in // groups, kh, kw)``.
+    grad_out : array_like
+        Gradient with respect to the convolution's output, of its shape;
+        ``x``'s dtype.
+    stride, padding, dilation, groups, layout
+        As for :func:`conv2d`.
+
+    Returns
+    -------
+    ndarray
+        ``weight_shape``, ``x``'s dtype, on ``x``'s device.
+
+    Raises
+    ------
+    ValueError
+        ``weight_shape`` without 4 entries, with a negative entry or a kernel
+        below 1x1; ``grad_out`` not of the convolution's output shape;
+        anything :func:`conv2d` rejects in its ``x`` and ``w``.
+    TypeError
+        A non-integer ``weight_shape`` entry; integer or differing dtypes of
+        ``x`` and ``grad_out``; the argument types :func:`conv2d` rejects.
+
+    See Also
+    --------
+    conv2d, conv2d_input
+
+    Examples
+    --------
+    Tap ``(i, j)`` of the kernel gets the sum of the input pixels it
+    multiplied, weighted by ``grad_out``; here two 2x2 outputs of a 2x3
+    kernel over a 3x4 image, with PyTorch's layout:
+
+    >>> import numpy as np
+    >>> import cupyconv as cc
+    >>> x = np.arange(12.0).reshape(1, 1, 3, 4)
+    >>> grad_out = np.ones((1, 1, 2, 2))  # (3 - 2 + 1) x (4 - 3 + 1)
+    >>> cc.conv2d_weight(x, (1, 1, 2, 3), grad_out, layout="NCHW")
+    array([[[[10., 14., 18.],
+             [26., 30., 34.]]]])
+    >>> grad_out.sum(axis=(0, 2, 3))  # the bias gradient
+    array([4.])
+    """
+    xp = _backend.dispatch(x=x, grad_out=grad_out)
+    x, grad_out = xp.asarray(x), xp.asarray(grad_out)
+    _args.check_ndim(x, 4, "x")
+    weight_shape = _args.shape_arg(weight_shape, 4, "weight_shape")
+    geom = _args.conv2d_geometry(x.shape, weight_shape, stride, padding,
+                                 dilation, groups, layout, w_name="weight_shape")
+    _check_grad_out(grad_out, geom)
+    _args.common_float_dtype(x=x, grad_out=grad_out)
+    if _backend.use_kernels(xp):
+        from . import _conv2d_cuda
+
+        return _conv2d_cuda.conv2d_weight_grad(
+            x, grad_out, weight_shape, geom.stride, geom.padding,
+            geom.dilation, geom.groups, geom.layout)
+    return _weight_grad(x, grad_out, geom)
+
+
+def _check_grad_out(grad_out, geom):
+    if tuple(grad_out.shape) != geom.out_shape:
+        raise ValueError(
+            f"grad_out must have the convolution's output shape "
+            f"{geom.out_shape} ({geom.layout}), got {tuple(grad_out.shape)}"
+        )
+
+
+# --- NumPy path -------------------------------------------------------------
+
+
+def _forward(x, w, bias, geom):
+    work = _work_dtype(x.dtype)
+    padded = _padded_input(x, geom, work)
+    weights = _weight_matrices(w, geom, work)
+    y = numpy.empty(geom.out_shape, work)
+    if bias is not None:
+        bias = bias.astype(work, copy=False)
+        if geom.layout == "NCHW":
+            bias = bias[:, None, None]
+    for images, rows in _blocks(geom):
+        y_block = _output_block(y, geom, images, rows)
+        cols = _im2col(padded, geom, images, rows)
+        _matmul_into(_group_matrices(cols, geom), weights,
+                     _group_matrices(y_block, geom, geom.layout == "NHWC"))
+        if bias is not None:
+            y_block += bias  # while the block is still in cache
+    return y.astype(x.dtype, copy=False)
+
+
+def _input_grad(w, grad_out, geom):
+    work = _work_dtype(w.dtype)
+    weights_t = _weight_matrices(w, geom, work).swapaxes(1, 2)
+    grad_out = grad_out.astype(work, copy=False)
+    grad_padded = numpy.zeros(_padded_shape(geom), work)
+    for images, rows in _blocks(geom):
+        cols = numpy.empty(_cols_shape(geom, images, rows), work)
+        g_block = _output_block(grad_out, geom, images, rows)
+        _matmul_into(_group_matrices(g_block, geom, geom.layout == "NHWC"),
+                     weights_t, _group_matrices(cols, geom))
+        _col2im(cols, grad_padded, geom, images, rows)
+    grad_x = _interior(grad_padded, geom)
+    if geom.layout == "NCHW":
+        grad_x = grad_x.transpose(0, 3, 1, 2)
+    return numpy.ascontiguousarray(grad_x, dtype=w.dtype)
+
+
+def _weight_grad(x, grad_out, geom):
+    work = _work_dtype(x.dtype)
+    padded = _padded_input(x, geom, work)
+    grad_out = grad_out.astype(work, copy=False)
+    groups, taps = geom.groups, geom.kernel[0] * geom.kernel[1]
+    grad = numpy.zeros((groups, taps * geom.in_channels // groups,
+                        geom.out_channels // groups), work)
+    for images, rows in _blocks(geom):
+        cols = _im2col(padded, geom, images, rows)
+        g_block = _output_block(grad_out, geom, images, rows)
+        product = numpy.matmul(
+            _group_matrices(cols, geom).swapaxes(-1, -2),
+            _group_matrices(g_block, geom, geom.layout == "NHWC"),
+        )
+        # NCHW blocks hold one product per image: sum them.
+        grad += product.sum(axis=tuple(range(product.ndim - 3)))
+    return _weight_from_matrices(grad, geom, x.dtype)
+
+
+def _work_dtype(dtype):
+    """float16 is computed in float32 (accumulating as the GPU kernels do)."""
+    return numpy.dtype(numpy.float32) if dtype == numpy.float16 else dtype
+
+
+def _padded_shape(geom):
+    """``(N, H + top + bottom, W + left + right, C_in)``, channels last."""
+    (top, bottom), (left, right) = geom.padding
+    h, w = geom.in_hw
+    return (geom.batch, h + top + bottom, w + left + right, geom.in_channels)
+
+
+def _interior(padded, geom):
+    """The ``(N, H, W, C_in)`` part of a padded buffer that is not padding."""
+    (top, _), (left, _) = geom.padding
+    h, w = geom.in_hw
+    return padded[:, top:top + h, left:left + w]
+
+
+def _padded_input(x, geom, dtype):
+    """``x`` zero-padded, channels last, in ``dtype`` (``x`` itself if it
+    already is all three)."""
+    if geom.layout == "NCHW":
+        x = x.transpose(0, 2, 3, 1)
+    if geom.padding == ((0, 0), (0, 0)):
+        return x.astype(dtype, copy=False)
+    padded = numpy.zeros(_padded_shape(geom), dtype)
+    _interior(padded, geom)[...] = x
+    return padded
+
+
+def _weight_matrices(w, geom, dtype):
+    """``w`` as ``(groups, kh*kw*C_in/groups, C_out/groups)``: row
+    ``(i, j, c)`` of group ``g``'s matrix multiplies input channel
+    ``g*C_in/groups + c`` at tap ``(i, j)``, matching the columns of
+    :func:`_im2col`."""
+    if geom.layout == "NCHW":
+        w = w.transpose(2, 3, 1, 0)  # to (kh, kw, C_in/groups, C_out)
+    kh, kw, cin_per_group, c_out = w.shape
+    groups = geom.groups
+    per_group = w.reshape(kh, kw, cin_per_group, groups, c_out // groups)
+    return numpy.ascontiguousarray(
+        per_group.transpose(3, 0, 1, 2, 4), dtype=dtype
+    ).reshape(groups, kh * kw * cin_per_group, c_out // groups)
+
+
+def _weight_from_matrices(matrices, geom, dtype):
+    """Inverse of :func:`_weight_matrices`: the kernel in ``geom.layout``."""
+    groups, _, cout_per_group = matrices.shape
+    kh, kw = geom.kernel
+    w = matrices.reshape(groups, kh, kw, geom.in_channels // groups,
+                         cout_per_group).transpose(1, 2, 3, 0, 4)
+    w = w.reshape(kh, kw, geom.in_channels // groups, geom.out_channels)
+    if geom.layout == "NCHW":
+        w = w.transpose(3, 2, 0, 1)
+    return numpy.ascontiguousarray(w, dtype=dtype)
+
+
+def _blocks(geom):
+    """``(images, rows)`` index ranges that tile the output into blocks whose
+    gathered matrix has about ``_BLOCK_ELEMENTS`` entries: whole images when
+    one fits, else bands of output rows of one image."""
+    oh, ow = geom.out_hw
+    kh, kw = geom.kernel
+    per_row = ow * kh * kw * geom.in_channels
+    rows = max(1, _BLOCK_ELEMENTS // max(1, per_row))
+    if rows >= oh:
+        step = rows // oh
+        for n in range(0, geom.batch, step):
+            yield (n, min(n + step, geom.batch)), (0, oh)
+    else:
+        for n in range(geom.batch):
+            for r in range(0, oh, rows):
+                yield (n, n + 1), (r, min(r + rows, oh))
+
+
+def _output_block(a, geom, images, rows):
+    """The part of an output-shaped array (``y`` or ``grad_out``) in a block."""
+    (n0, n1), (r0, r1) = images, rows
+    if geom.layout == "NHWC":
+        return a[n0:n1, r0:r1]
+    return a[n0:n1, :, r0:r1]
+
+
+def _cols_shape(geom, images, rows):
+    """Shape of a block's gathered matrix, ``(n, r, OW, groups*kh*kw*C_in/groups)``."""
+    (n0, n1), (r0, r1) = images, rows
+    kh, kw = geom.kernel
+    return (n1 - n0, r1 - r0, geom.out_hw[1], kh * kw * geom.in_channels)
+
+
+def _tap_slices(geom, rows, i, j):
+    """Slices of the padded input's rows and columns that tap ``(i, j)``
+    reads for output rows ``rows`` and every output column: output pixel
+    ``(oh, ow)`` reads padded pixel ``(oh*sh + i*dh, ow*sw + j*dw)``."""
+    (sh, sw), (dh, dw) = geom.stride, geom.dilation
+    (r0, r1), ow = rows, geom.out_hw[1]
+    top, left = r0 * sh + i * dh, j * dw
+    return (slice(top, top + (r1 - r0 - 1) * sh + 1, sh),
+            slice(left, left + (ow - 1) * sw + 1, sw))
+
+
+def _tap_views(padded, cols, geom, images, rows):
+    """Pairs ``(input part, column part)`` of every tap of a block: the
+    padded input pixels tap ``(i, j)`` reads, ``(n, r, OW, groups, C_in/groups)``,
+    and the columns of the gathered matrix that hold them, of the same shape."""
+    (n0, n1), (kh, kw), groups = images, geom.kernel, geom.groups
+    cin_per_group = geom.in_channels // groups
+    source = padded[n0:n1]
+    source = source.reshape(source.shape[:3] + (groups, cin_per_group))
+    taps = cols.reshape(cols.shape[:3] + (groups, kh, kw, cin_per_group))
+    for i in range(kh):
+        for j in range(kw):
+            rows_read, columns_read = _tap_slices(geom, rows, i, j)
+            yield source[:, rows_read, columns_read], taps[:, :, :, :, i, j]
+
+
+def _im2col(padded, geom, images, rows):
+    """Gather a block's patches: ``(n, r, OW, groups*kh*kw*C_in/groups)``,
+    row ``(n, oh, ow)`` holding, per group, the ``(i, j, c)`` inputs that
+    output pixel multiplies with :func:`_weight_matrices`' rows."""
+    cols = numpy.empty(_cols_shape(geom, images, rows), padded.dtype)
+    for source, columns in _tap_views(padded, cols, geom, images, rows):
+        columns[...] = source
+    return cols
+
+
+def _col2im(cols, grad_padded, geom, images, rows):
+    """Adjoint of :func:`_im2col`: add every column back onto the padded
+    input pixel it was gathered from."""
+    for target, columns in _tap_views(grad_padded, cols, geom, images, rows):
+        target += columns
+
+
+def _group_matrices(a, geom, channels_last=True):
+    """View a block ``(n, r, OW, C)`` (or ``(n, C, r, OW)``) as one matrix
+    per channel group with a row per output pixel: ``(groups, n*r*OW,
+    C/groups)`` for NHWC convolutions, ``(n, groups, r*OW, C/groups)`` for
+    NCHW ones, whose outputs are contiguous per image, not across images."""
+    groups = geom.groups
+    if channels_last:
+        n, r, ow, c = a.shape
+        per_image = a.reshape(n, r * ow, groups, c // groups).swapaxes(1, 2)
+    else:
+        n, c, r, ow = a.shape
+        per_image = a.reshape(n, groups, c // groups, r * ow).swapaxes(2, 3)
+    if geom.layout == "NCHW":
+        return per_image
+    return per_image.swapaxes(0, 1).reshape(groups, n * r * ow, c // groups)
+
+
+def _matmul_into(a, b, out):
+    """``out[...] = a @ b`` with BLAS writing ``out`` in place: when ``out``'s
+    rows are not contiguous, compute ``out.T = b.T @ a.T`` instead."""
+    if out.strides[-1] != out.itemsize:
+        a, b, out = b.swapaxes(-1, -2), a.swapaxes(-1, -2), out.swapaxes(-1, -2)
+    numpy.matmul(a, b, out=out)

@@ -1,0 +1,620 @@
+"""2-D max-pooling over the H and W axes of NHWC or NCHW images, with its
+gradient.
+
+Which element a window picks is defined once and kept everywhere (values,
+indices, gradient, NumPy path and CUDA kernels): the first maximum in
+row-major window order; a NaN beats every number and the first NaN wins.
+Padding is never picked (it acts as -inf, or the dtype's minimum for
+integers).  The values are the picked elements, except that the NumPy 2x1
+path takes them with ``numpy.maximum``, which may answer a tie of -0.0 and
++0.0 with either zero (equal values; the indices still name the first).
+
+The 2x1 window with stride (2, 1) -- two rows into one, as in the price-trend
+CNNs this package serves -- has its own path on both devices; on the CPU it
+runs in cache-sized blocks spread over the cores' threads.
+"""
+
+import concurrent.futures
+import functools
+import os
+from typing import NamedTuple
+
+import numpy
+
+from . import _args, _backend, _kernels
+
+__all__ = ["max_pool2d", "max_pool2d_backward"]
+
+_THREADS = 256
+
+
+class _Pool(NamedTuple):
+    """Geometry of one pooling call: sizes, layout and the (h, w) window."""
+
+    layout: str
+    n: int
+    c: int
+    h: int
+    w: int
+    oh: int
+    ow: int
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+
+    def shape(self, h, w):
+        """Shape of an array of ``h x w`` images in this layout."""
+        if self.layout == "NHWC":
+            return (self.n, h, w, self.c)
+        return (self.n, self.c, h, w)
+
+    @property
+    def in_shape(self):
+        return self.shape(self.h, self.w)
+
+    @property
+    def out_shape(self):
+        return self.shape(self.oh, self.ow)
+
+    @property
+    def is_2x1(self):
+        """Two rows into one: window (2, 1), stride (2, 1), no padding."""
+        return (self.kernel == (2, 1) and self.stride == (2, 1)
+                and self.padding == (0, 0) and self.dilation[0] == 1)
+
+    def rows(self):
+        """``(planes, row, inner)`` of the 2x1 kernels' (planes, H, row) view:
+        row element ``l`` is image column ``l // inner``."""
+        if self.layout == "NHWC":
+            return self.n, self.w * self.c, self.c
+        return self.n * self.c, self.w, 1
+
+
+def _as_images(a, name, xp):
+    """``a`` as a 4-D array of native byte order."""
+    a = xp.asarray(a)
+    _args.check_ndim(a, 4, name)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return a
+
+
+def _normalize(x, kernel_size, stride, padding, dilation, ceil_mode, layout):
+    layout = _args.check_layout(layout)
+    kernel, stride, padding, dilation = _args.pool_window(
+        kernel_size, stride, padding, dilation)
+    n, c, h, w = _args.spatial_shape(x.shape, layout)
+    oh, ow = _args.pool_output_shape(
+        (h, w), kernel, stride, padding, dilation, ceil_mode)
+    return _Pool(layout, n, c, h, w, oh, ow, kernel, stride, padding, dilation)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
+               ceil_mode=False, layout="NHWC", return_indices=False):
+    """Maximum over each ``kernel_size`` window of every image and channel.
+
+    Along each spatial axis (as in :func:`torch.nn.functional.max_pool2d`)::
+
+        out = (size + 2*padding - dilation*(kernel - 1) - 1) // stride + 1
+
+    rounded up instead of down with ``ceil_mode``, where a last window must
+    still start inside the input or the leading padding.  Padding never wins:
+    it acts as -inf (the dtype's minimum for integers).  A window picks its
+    first maximum in row-major order; a window holding a NaN gives NaN (its
+    first NaN).  For example ``x`` of shape ``(N, 32, 15, C)`` pooled 2x1
+    (``kernel_size=(2, 1)``, stride defaulting to it) gives
+    ``(N, (32 - 2) // 2 + 1, (15 - 1) // 1 + 1, C) = (N, 16, 15, C)``.
+
+    Parameters
+    ----------
+    x : array_like
+        Images, 4-D: ``(N, H, W, C)`` for ``layout="NHWC"``, ``(N, C, H, W)``
+        for ``"NCHW"``.  float16/32/64 or any signed or unsigned integer
+        dtype.  Not modified.
+    kernel_size : int or (int, int)
+        Window height and width, each ``>= 1``.
+    stride : int or (int, int), optional
+        Step between windows, each ``>= 1``; defaults to ``kernel_size``.
+    padding : int or (int, int), optional
+        Implicit -inf rows/columns on both sides, ``0 <= padding <=
+        kernel_size // 2`` per axis.
+    dilation : int or (int, int), optional
+        Spacing between window taps, each ``>= 1``.
+    ceil_mode : bool, optional
+        Round the output size up (PyTorch's rule), keeping a partial last
+        window.
+    layout : {"NHWC", "NCHW"}, optional
+        Axis order of ``x`` and of the results.
+    return_indices : bool, optional
+        Also return where each maximum came from.
+
+    Returns
+    -------
+    out : ndarray
+        Maxima of ``x``'s dtype, ``(N, OH, OW, C)`` or ``(N, C, OH, OW)``.
+    indices : ndarray of int64
+        Only with ``return_indices``: the flat index ``h*W + w`` of each
+        maximum within its input plane, PyTorch's convention.  It can be given
+        to :func:`max_pool2d_backward`.
+
+    Raises
+    ------
+    ValueError
+        ``x`` not 4-D; an unknown layout; sizes below 1; padding above
+        ``kernel_size // 2``; a window larger than the padded input (an output
+        size below 1) or, with dilation, a window with no input element.
+    TypeError
+        Non-integer sizes, a non-bool flag, an unsupported dtype (bool,
+        complex, ...).
+
+    See Also
+    --------
+    max_pool2d_backward : the gradient with respect to ``x``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cupyconv as cc
+    >>> x = np.array([3, 1, 5, 7, 2, 2]).reshape(1, 3, 2, 1)  # NHWC
+    >>> out, indices = cc.max_pool2d(x, (2, 1), return_indices=True)
+    >>> out[0, :, :, 0]
+    array([[5, 7]])
+    >>> indices[0, :, :, 0]
+    array([[2, 3]])
+    >>> cc.max_pool2d(x, (2, 1), ceil_mode=True)[0, :, :, 0]
+    array([[5, 7],
+           [2, 2]])
+    >>> cc.max_pool2d(np.arange(16.0).reshape(1, 1, 4, 4), 3, stride=1,
+    ...               padding=1, layout="NCHW")[0, 0]
+    array([[ 5.,  6.,  7.,  7.],
+           [ 9., 10., 11., 11.],
+           [13., 14., 15., 15.],
+           [13., 14., 15., 15.]])
+    """
+    xp = _backend.dispatch(x=x)
+    x = _as_images(x, "x", xp)
+    if x.dtype.name not in _kernels.POOL_TYPES:
+        raise TypeError(
+            f"x must have a float or integer dtype, got {x.dtype}")
+    if not isinstance(return_indices, (bool, numpy.bool_)):
+        raise TypeError(f"return_indices must be a bool, got {return_indices!r}")
+    pool = _normalize(x, kernel_size, stride, padding, dilation, ceil_mode, layout)
+    if _backend.use_kernels(xp):
+        out, indices = _forward_kernels(x, pool, return_indices)
+    elif pool.is_2x1:
+        out, indices = _forward_2x1(x, pool, return_indices)
+    else:
+        out, indices = _forward(x, pool, return_indices)
+    return (out, indices) if return_indices else out
+
+
+def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
+                        dilation=1, *, ceil_mode=False, layout="NHWC",
+                        indices=None):
+    """Gradient of :func:`max_pool2d` with respect to ``x``.
+
+    Each window's gradient goes to the one element it picked (its first
+    maximum, or first NaN) and is summed where windows overlap, in a fixed
+    order, so results are deterministic.  Tied elements other than the pick
+    get nothing.  Shapes: ``grad_out`` is ``max_pool2d(x, ...)``'s output
+    shape; the result is ``x.shape``.
+
+    Parameters
+    ----------
+    grad_out : array_like
+        Gradient with respect to ``max_pool2d``'s output, of ``x``'s dtype.
+    x : array_like
+        The input of the forward call, float16/32/64.  Without ``indices``
+        the picks are recomputed from it; with them only its shape is used.
+    kernel_size, stride, padding, dilation, ceil_mode, layout
+        As given to :func:`max_pool2d`.
+    indices : array_like of int64, optional
+        The indices that ``max_pool2d(..., return_indices=True)`` returned for
+        the same ``x`` and arguments (as PyTorch's
+        ``max_pool2d_with_indices_backward`` takes them); spares recomputing
+        the picks.  An index that does not point into its own window
+        contributes nothing.
+
+    Returns
+    -------
+    ndarray
+        The gradient with respect to ``x``: ``x``'s shape and dtype.
+
+    Raises
+    ------
+    ValueError
+        Any error of :func:`max_pool2d`; ``grad_out`` or ``indices`` not of
+        the output's shape.
+    TypeError
+        ``grad_out`` and ``x`` not sharing one float dtype; ``indices`` not
+        int64.
+
+    See Also
+    --------
+    max_pool2d : the forward pass.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import cupyconv as cc
+    >>> x = np.array([[1.0, 4.0, 4.0, 2.0]]).reshape(1, 1, 1, 4)  # NCHW
+    >>> cc.max_pool2d_backward(np.ones((1, 1, 1, 3)), x, (1, 2), stride=1,
+    ...                        layout="NCHW")[0, 0]
+    array([[0., 2., 1., 0.]])
+    >>> x = np.array([2.0, 2.0, 1.0, 3.0]).reshape(1, 2, 2, 1)  # NHWC
+    >>> out, indices = cc.max_pool2d(x, (2, 1), return_indices=True)
+    >>> cc.max_pool2d_backward(np.array([10.0, 20.0]).reshape(1, 1, 2, 1), x,
+    ...                        (2, 1), indices=indices)[0, :, :, 0]
+    array([[10.,  0.],
+           [ 0., 20.]])
+    """
+    xp = _backend.dispatch(grad_out=grad_out, x=x, indices=indices)
+    grad_out = _as_images(grad_out, "grad_out", xp)
+    x = _as_images(x, "x", xp)
+    _args.common_float_dtype(grad_out=grad_out, x=x)
+    pool = _normalize(x, kernel_size, stride, padding, dilation, ceil_mode, layout)
+    if grad_out.shape != pool.out_shape:
+        raise ValueError(
+            f"grad_out must have the output's shape {pool.out_shape}, "
+            f"got {grad_out.shape}")
+    if indices is not None:
+        indices = xp.asarray(indices)
+        if indices.dtype != numpy.int64:
+            raise TypeError(f"indices must be int64, got {indices.dtype}")
+        if indices.shape != pool.out_shape:
+            raise ValueError(
+                f"indices must have the output's shape {pool.out_shape}, "
+                f"got {indices.shape}")
+    if _backend.use_kernels(xp):
+        return _backward_kernels(grad_out, x, indices, pool)
+    if pool.is_2x1:
+        return _backward_2x1(grad_out, x, indices, pool)
+    if indices is None:
+        indices = _forward(x, pool, True)[1]
+    return _backward(grad_out, indices, pool)
+
+
+# --- NumPy path --------------------------------------------------------------
+# Arrays are handled as (N, H, W, C)-shaped views (NCHW ones transposed, no
+# copy), so one code path serves both layouts.  Picks are applied with integer
+# arithmetic on the elements' bits, which is exact for every dtype (NaN and inf
+# included) and several times faster than masked copies (numpy.where).
+
+def _hwc(a, layout):
+    return a if layout == "NHWC" else a.transpose(0, 2, 3, 1)
+
+
+def _bits(a):
+    """``a`` viewed as unsigned integers of its item size (no copy)."""
+    return a.view(numpy.dtype(f"u{a.dtype.itemsize}"))
+
+
+def _select(old, new, take, out):
+    """``out = new if take else old``, bit for bit: ``old + (new - old) * take``
+    on unsigned views, wrapping.  ``out`` may be ``old``."""
+    old, out = _bits(old), _bits(out)
+    new = _bits(new)
+    diff = numpy.subtract(new, old)
+    diff *= take
+    numpy.add(old, diff, out=out)
+
+
+def _kept(a, keep):
+    """``a`` where ``keep`` else +0, bit for bit (a gradient masked by a pick)."""
+    return numpy.multiply(_bits(a), keep).view(a.dtype)
+
+
+def _beats(new, best, out=None):
+    """Where ``new`` replaces ``best`` as a window's pick: strictly greater,
+    or a NaN where ``best`` is none."""
+    wins = numpy.greater(new, best, out=out)
+    # numpy.max is NaN if any element is: a cheap screen before the search.
+    if new.dtype.kind == "f" and new.size and numpy.isnan(numpy.max(new)):
+        wins |= numpy.isnan(new) & ~numpy.isnan(best)
+    return wins
+
+
+def _tap_span(size, out, tap, stride, pad, dilation):
+    """For window tap ``tap`` along one axis: the outputs ``[o0, o1)`` whose
+    tap lies inside the input, and the input positions they read."""
+    offset = tap * dilation - pad  # input position of output 0's tap
+    o0 = max(0, -(offset // stride))
+    o1 = min(out, (size - 1 - offset) // stride + 1)
+    if o1 <= o0:
+        return None
+    first = o0 * stride + offset
+    return slice(o0, o1), numpy.arange(first, first + (o1 - o0) * stride, stride)
+
+
+def _taps(pool):
+    """Every window tap (i, j) that lands in the input for some output, in
+    row-major order: (output rows, output columns, input rows, input columns,
+    flat input positions ``h*W + w`` shaped (rows, columns, 1))."""
+    for i in range(pool.kernel[0]):
+        rows = _tap_span(pool.h, pool.oh, i, pool.stride[0], pool.padding[0],
+                         pool.dilation[0])
+        if rows is None:
+            continue
+        for j in range(pool.kernel[1]):
+            cols = _tap_span(pool.w, pool.ow, j, pool.stride[1], pool.padding[1],
+                             pool.dilation[1])
+            if cols is None:
+                continue
+            (out_rows, hs), (out_cols, ws) = rows, cols
+            in_rows = slice(hs[0], hs[-1] + 1, pool.stride[0])
+            in_cols = slice(ws[0], ws[-1] + 1, pool.stride[1])
+            at = (hs[:, None] * pool.w + ws)[:, :, None]
+            yield out_rows, out_cols, in_rows, in_cols, at
+
+
+def _forward(x, pool, want_indices):
+    """Any window: a running pick over the kh*kw taps, each an elementwise
+    compare of strided views (outputs whose tap is in the padding skip it)."""
+    out = numpy.empty(pool.out_shape, x.dtype)
+    indices = numpy.empty(pool.out_shape, numpy.int64) if want_indices else None
+    images, best = _hwc(x, pool.layout), _hwc(out, pool.layout)
+    # Whether an output already holds a real element: its first in-bounds tap
+    # takes it whatever the (uninitialised) value there.
+    filled = numpy.zeros((pool.oh, pool.ow, 1), bool)
+    for out_rows, out_cols, in_rows, in_cols, at in _taps(pool):
+        tap = images[:, in_rows, in_cols]
+        current = best[:, out_rows, out_cols]
+        take = _beats(tap, current)
+        take |= ~filled[out_rows, out_cols]
+        _select(current, tap, take, out=current)
+        if want_indices:
+            current_at = _hwc(indices, pool.layout)[:, out_rows, out_cols]
+            _select(current_at, numpy.broadcast_to(at, current_at.shape), take,
+                    out=current_at)
+        filled[out_rows, out_cols] = True
+    return out, indices
+
+
+def _backward(grad_out, indices, pool):
+    """Any window: each tap adds the gradients of the windows that picked it.
+    Per input element the windows come in tap order, as in the gather kernel;
+    float16 sums in float32 like the kernel, so both round alike."""
+    dtype = grad_out.dtype
+    sums = numpy.zeros(pool.in_shape,
+                       numpy.float32 if dtype == numpy.float16 else dtype)
+    grad_in = _hwc(sums, pool.layout)
+    grads, picks = _hwc(grad_out, pool.layout), _hwc(indices, pool.layout)
+    for out_rows, out_cols, in_rows, in_cols, at in _taps(pool):
+        picked = picks[:, out_rows, out_cols] == at
+        grad_in[:, in_rows, in_cols] += _kept(grads[:, out_rows, out_cols], picked)
+    return sums.astype(dtype, copy=False)
+
+
+# The 2x1 path sees an array as (planes, H, row) like the 2x1 kernels (see
+# _Pool.rows) and works block by block: whole planes, or a run of row pairs of
+# one plane, so that every block is one contiguous stretch of memory.  Rows r
+# and r+1 are compared for every r of a block at once, with the block and
+# itself shifted by one row: twice the comparisons of the windows alone, but
+# NumPy runs long contiguous loops several times faster than the strided
+# views of the windows' rows.  The block's few passes then run in cache, and
+# the blocks are shared among the CPU cores (NumPy releases the GIL in its
+# loops), as PyTorch spreads its pooling over its threads.
+
+#: Bytes of input per block of the 2x1 path.
+_BLOCK_BYTES = 1 << 18
+_CPUS = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+         else os.cpu_count() or 1)
+
+
+@functools.cache
+def _workers():
+    return concurrent.futures.ThreadPoolExecutor(
+        _CPUS - 1, thread_name_prefix="cupyconv-pool")
+
+
+def _blocks(pool, itemsize):
+    """(plane slice, input row slice) blocks covering the 2x1 windows, each
+    about ``_BLOCK_BYTES`` of input: whole planes (all H rows, so that the
+    block is contiguous) when they are smaller, else runs of row pairs."""
+    planes, row, _ = pool.rows()
+    pairs = pool.h // 2
+    if pairs == 0:
+        return []
+    plane_bytes = max(1, pool.h * row * itemsize)
+    if plane_bytes <= _BLOCK_BYTES:
+        step = _BLOCK_BYTES // plane_bytes
+        return [(slice(p, p + step), slice(0, pool.h)) for p in range(0, planes, step)]
+    run = max(1, _BLOCK_BYTES // (2 * row * itemsize))
+    return [(slice(p, p + 1), slice(2 * k, 2 * min(k + run, pairs)))
+            for p in range(planes) for k in range(0, pairs, run)]
+
+
+def _run(work, blocks):
+    for block in blocks:
+        work(*block)
+
+
+def _in_blocks(work, blocks):
+    """``work(planes, rows)`` for every block; the calling thread and up to
+    ``_CPUS - 1`` pool threads each take every ``_CPUS``-th block."""
+    shares = min(_CPUS, len(blocks))
+    if shares <= 1:
+        return _run(work, blocks)
+    others = [_workers().submit(_run, work, blocks[i::shares])
+              for i in range(1, shares)]
+    _run(work, blocks[0::shares])
+    for share in others:
+        share.result()
+
+
+def _pairs_of(rows):
+    """Window slice of the input row slice of a block."""
+    return slice(rows.start // 2, rows.stop // 2)
+
+
+def _on_pairs(op, region, dtype):
+    """``op(top, bottom, out)`` on the rows of each 2x1 window of a
+    contiguous (planes, R, row) block: run on every pair of neighbouring rows
+    (contiguous loops), of which rows 0, 2, 4, ... of each plane are the
+    windows.  Returns a (planes, R // 2, row) view."""
+    planes, rows, row = region.shape
+    flat = region.reshape(planes * rows, row)
+    result = numpy.empty((planes * rows, row), dtype)
+    op(flat[:-1], flat[1:], out=result[:-1])
+    return result.reshape(planes, rows, row)[:, 0:rows - 1:2]
+
+
+def _bottom_picks(top, bottom, out):
+    return _beats(bottom, top, out=out)
+
+
+def _pair_positions(pool, pairs):
+    """``h*W + w`` of the top row of the first ``pairs`` 2x1 windows, shaped
+    (pairs, row) like the planes' rows."""
+    _, row, inner = pool.rows()
+    return (numpy.arange(0, 2 * pairs * pool.w, 2 * pool.w)[:, None]
+            + numpy.arange(row) // inner)
+
+
+def _forward_2x1(x, pool, want_indices):
+    """2x1: rows 2k and 2k+1 compared elementwise.  An odd last row is
+    dropped, or with ``ceil_mode`` is a window of its own."""
+    planes, row, _ = pool.rows()
+    pairs = pool.h // 2
+    images = numpy.ascontiguousarray(x).reshape(planes, pool.h, row)
+    out = numpy.empty(pool.out_shape, x.dtype)
+    best = out.reshape(planes, pool.oh, row)
+    indices = numpy.empty(pool.out_shape, numpy.int64) if want_indices else None
+    at = indices.reshape(planes, pool.oh, row) if want_indices else None
+    top_at = _pair_positions(pool, pairs)
+
+    def block(plane, rows):
+        region, windows = images[plane, rows], _pairs_of(rows)
+        # NaN-propagating, so equal to the pick (a tie of -0.0 and +0.0 may
+        # give either zero).
+        best[plane, windows] = _on_pairs(numpy.maximum, region, x.dtype)
+        if want_indices:
+            numpy.multiply(_on_pairs(_bottom_picks, region, bool), pool.w,
+                           out=at[plane, windows])
+            at[plane, windows] += top_at[windows]
+
+    _in_blocks(block, _blocks(pool, x.dtype.itemsize))
+    if pool.oh > pairs:
+        best[:, pairs] = images[:, pool.h - 1]
+        if want_indices:
+            at[:, pairs] = _pair_positions(pool, 1)[0] + (pool.h - 1) * pool.w
+    return out, indices
+
+
+def _backward_2x1(grad_out, x, indices, pool):
+    """2x1: each window's gradient goes to the row it picked, found by
+    comparing the two rows again or by reading ``indices``; the other row
+    gets +0.  Written as one contiguous product of the gradient, repeated
+    for both rows, and a 0/1 mask of the picks."""
+    planes, row, _ = pool.rows()
+    pairs = pool.h // 2
+    grad_in = numpy.empty(pool.in_shape, grad_out.dtype)
+    rows_out = grad_in.reshape(planes, pool.h, row)
+    grads = numpy.ascontiguousarray(grad_out).reshape(planes, pool.oh, row)
+    if indices is None:
+        images = numpy.ascontiguousarray(x).reshape(planes, pool.h, row)
+    else:
+        picks = numpy.ascontiguousarray(indices).reshape(planes, pool.oh, row)
+        top_at = _pair_positions(pool, pairs)
+    bits = numpy.dtype(f"u{grad_out.dtype.itemsize}")
+
+    def block(plane, rows):
+        windows = _pairs_of(rows)
+        g = grads[plane, windows]
+        shape = g.shape[:2] + (2, row)  # (planes, windows, top/bottom, row)
+        keep = numpy.empty(shape, bits)
+        if indices is None:
+            bottom = _on_pairs(_bottom_picks, images[plane, rows], bool)
+            keep[:, :, 1] = bottom
+            numpy.logical_not(bottom, out=keep[:, :, 0], casting="unsafe")
+        else:
+            picked, top = picks[plane, windows], top_at[windows]
+            numpy.equal(picked, top, out=keep[:, :, 0], casting="unsafe")
+            numpy.equal(picked, top + pool.w, out=keep[:, :, 1], casting="unsafe")
+        spread = numpy.empty(shape, bits)
+        spread[...] = g.view(bits)[:, :, None]
+        window_rows = rows_out[plane, rows.start:rows.start + 2 * shape[1]]
+        numpy.multiply(spread, keep, out=window_rows.view(bits).reshape(shape))
+
+    _in_blocks(block, _blocks(pool, grad_out.dtype.itemsize))
+    if pool.oh > pairs:  # with ceil_mode an odd last row is its own window
+        last_picked = True if indices is None else (
+            picks[:, pairs] == _pair_positions(pool, 1)[0] + (pool.h - 1) * pool.w)
+        rows_out[:, pool.h - 1] = _kept(grads[:, pairs], last_picked)
+    elif pool.h % 2:
+        rows_out[:, pool.h - 1] = 0  # in no window
+    return grad_in
+
+
+# --- CUDA kernels (CuPy, or NumPy under the test suite's CPU executor) -------
+
+def _int64s(*values):
+    return tuple(numpy.int64(v) for v in values)
+
+
+def _pack_grid(pool, count, itemsize):
+    """Grid of the 2x1 kernels: one thread per 16-byte pack of a row when the
+    row length allows it (the kernel falls back to single elements if a
+    pointer is not 16-byte aligned; its grid-stride loop covers the rest)."""
+    row = pool.rows()[1]
+    wide = 16 // itemsize
+    return _kernels.grid_for(count // wide if row % wide == 0 else count)
+
+
+def _window_args(pool):
+    return (numpy.int32(pool.layout == "NHWC"),) + _int64s(
+        pool.c, pool.h, pool.w, pool.oh, pool.ow, *pool.kernel, *pool.stride,
+        *pool.padding, *pool.dilation)
+
+
+def _forward_kernels(x, pool, want_indices):
+    xp = _backend.array_module_of(x)
+    x = xp.ascontiguousarray(x)
+    out = xp.empty(pool.out_shape, x.dtype)
+    # Without indices the kernels get a stand-in they never write.
+    indices = xp.empty(pool.out_shape if want_indices else (1,), numpy.int64)
+    if out.size:
+        type_name = _kernels.POOL_TYPES[x.dtype.name]
+        flag = numpy.int32(want_indices)
+        if pool.is_2x1:
+            kernel = _kernels.get_function("maxpool", f"maxpool2x1_fwd<{type_name}>")
+            planes, row, inner = pool.rows()
+            kernel(_pack_grid(pool, out.size, x.dtype.itemsize), (_THREADS,),
+                   (x, out, indices, flag)
+                   + _int64s(planes, pool.h, pool.oh, row, inner, pool.w))
+        else:
+            kernel = _kernels.get_function("maxpool", f"maxpool_fwd<{type_name}>")
+            kernel(_kernels.grid_for(out.size, _THREADS), (_THREADS,),
+                   (x, out, indices, flag, numpy.int64(out.size))
+                   + _window_args(pool))
+    return out, (indices if want_indices else None)
+
+
+def _backward_kernels(grad_out, x, indices, pool):
+    xp = _backend.array_module_of(grad_out)
+    grad_out = xp.ascontiguousarray(grad_out)
+    grad_in = xp.empty(pool.in_shape, grad_out.dtype)
+    if grad_in.size == 0:
+        return grad_in
+    type_name = _kernels.FLOAT_TYPES[grad_out.dtype.name]
+    if pool.is_2x1:
+        with_indices = indices is not None
+        # The kernel reads the picks from one of the two; the other is unread.
+        values = grad_out if with_indices else xp.ascontiguousarray(x)
+        picks = (xp.ascontiguousarray(indices) if with_indices
+                 else xp.empty((1,), numpy.int64))
+        planes, row, inner = pool.rows()
+        count = planes * -(-pool.h // 2) * row
+        kernel = _kernels.get_function("maxpool", f"maxpool2x1_bwd<{type_name}>")
+        kernel(_pack_grid(pool, count, grad_out.dtype.itemsize), (_THREADS,),
+               (grad_out, values, picks, numpy.int32(with_indices), grad_in)
+               + _int64s(planes, pool.h, pool.oh, row, inner, pool.w))
+        return grad_in
+    if indices is None:
+        indices = _forward_kernels(x, pool, True)[1]
+    kernel = _kernels.get_function("maxpool", f"maxpool_bwd<{type_name}>")
+    kernel(_kernels.grid_for(grad_in.size, _THREADS), (_THREADS,),
+           (grad_out, xp.ascontiguousarray(indices), grad_in,
+            numpy.int64(grad_in.size)) + _window_args(pool))
+    return grad_in

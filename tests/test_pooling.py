@@ -1,0 +1,506 @@
+"""max_pool2d / max_pool2d_backward against a plain loop reference and PyTorch,
+and the CUDA kernels (cuda/maxpool.cu) against the NumPy path.
+
+The pick rule under test everywhere: a window picks its first maximum in
+row-major window order; a NaN beats every number and the first NaN wins;
+padding is never picked.  PyTorch agrees except for a window with several
+NaNs (it picks the last), so the PyTorch comparisons put at most one NaN in
+a window.
+"""
+
+import contextlib
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+import cupyconv as cc
+from cupyconv import _backend, _kernels, pooling
+
+INT_DTYPES = [np.int8, np.int16, np.int32, np.int64,
+              np.uint8, np.uint16, np.uint32, np.uint64]
+FLOAT_DTYPES = [np.float16, np.float32, np.float64]
+ALL_DTYPES = FLOAT_DTYPES + INT_DTYPES
+
+# (kernel_size, stride, padding, dilation, ceil_mode, (H, W))
+CONFIGS = [
+    ((2, 1), None, 0, 1, False, (6, 3)),          # the 2x1 path
+    ((2, 1), None, 0, 1, False, (7, 3)),          # odd H: last row dropped
+    ((2, 1), None, 0, 1, True, (7, 3)),           # odd H: last row a window
+    ((2, 1), (2, 1), 0, (1, 3), False, (4, 2)),   # 2x1 whatever the w dilation
+    (2, None, 0, 1, False, (5, 4)),
+    (3, 1, 1, 1, False, (4, 5)),                  # overlapping, padded
+    ((3, 2), (1, 2), (1, 1), 1, True, (5, 5)),
+    ((2, 3), (2, 1), (1, 0), (2, 1), False, (6, 4)),  # dilation
+    (3, 2, 1, 2, True, (7, 6)),
+    ((2, 2), 3, 0, 1, True, (8, 7)),              # stride > kernel, ceil
+    ((1, 1), 1, 0, 1, False, (2, 3)),
+    ((4, 3), (1, 1), (2, 1), 1, False, (4, 3)),   # window as large as allowed
+    ((2, 1), (1, 1), 0, 1, False, (4, 2)),        # 2x1 window, overlapping rows
+]
+KINDS = ["random", "ties", "constant", "nan", "-inf"]
+
+
+# ---- plain loop reference ------------------------------------------------------
+
+def reference_output_size(n, k, s, p, d, ceil_mode):
+    span = n + 2 * p - d * (k - 1) - 1
+    out = (math.ceil(span / s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def _pairs(kernel_size, stride, padding, dilation):
+    as_pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    k = as_pair(kernel_size)
+    return k, as_pair(k if stride is None else stride), as_pair(padding), as_pair(dilation)
+
+
+def reference_pool(x, kernel_size, stride, padding, dilation, ceil_mode):
+    """(values, indices) of an NCHW array, window by window, tap by tap."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pairs(kernel_size, stride, padding, dilation)
+    n, c, h, w = x.shape
+    oh = reference_output_size(h, kh, sh, ph, dh, ceil_mode)
+    ow = reference_output_size(w, kw, sw, pw, dw, ceil_mode)
+    out = np.empty((n, c, oh, ow), x.dtype)
+    indices = np.empty((n, c, oh, ow), np.int64)
+    for b, ch, i, j in itertools.product(range(n), range(c), range(oh), range(ow)):
+        best = best_at = None
+        for u, v in itertools.product(range(kh), range(kw)):
+            r, q = i * sh - ph + u * dh, j * sw - pw + v * dw
+            if not (0 <= r < h and 0 <= q < w):
+                continue
+            value = x[b, ch, r, q]
+            if best is None or value > best or (value != value and best == best):
+                best, best_at = value, r * w + q
+        out[b, ch, i, j], indices[b, ch, i, j] = best, best_at
+    return out, indices
+
+
+def reference_grad(x, grad_out, indices):
+    """float64 sum of each window's gradient into the element it picked."""
+    n, c, h, w = x.shape
+    grad = np.zeros((n, c, h * w))
+    for b, ch, i, j in np.ndindex(*indices.shape):
+        grad[b, ch, indices[b, ch, i, j]] += float(grad_out[b, ch, i, j])
+    return grad.reshape(x.shape)
+
+
+def to_layout(a, layout):
+    """An NCHW array in ``layout`` (C-contiguous)."""
+    return np.ascontiguousarray(a if layout == "NCHW" else a.transpose(0, 2, 3, 1))
+
+
+def from_layout(a, layout):
+    return a if layout == "NCHW" else a.transpose(0, 3, 1, 2)
+
+
+def make_input(rng, shape, dtype, kind):
+    """NCHW test data: "random" normal values (floats) or a wide integer
+    range, "ties" a few small integers, "constant", "nan" (ties plus NaNs),
+    "-inf" (ties plus -inf, floats)."""
+    dtype = np.dtype(dtype)
+    if kind == "random":
+        if dtype.kind == "f":
+            return rng.standard_normal(shape).astype(dtype)
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+    if kind == "constant":
+        return np.full(shape, 3, dtype)
+    x = rng.integers(0, 3, size=shape).astype(dtype)
+    if kind in ("nan", "-inf"):
+        x.flat[rng.choice(x.size, max(1, x.size // 5), replace=False)] = (
+            np.nan if kind == "nan" else -np.inf)
+    return x
+
+
+def pool_fn(x_nchw, layout, config, **kw):
+    """max_pool2d of NCHW data run in ``layout``; results back in NCHW."""
+    kernel_size, stride, padding, dilation, ceil_mode, _ = config
+    result = cc.max_pool2d(to_layout(x_nchw, layout), kernel_size, stride, padding,
+                           dilation, ceil_mode=ceil_mode, layout=layout, **kw)
+    if kw.get("return_indices"):
+        return tuple(from_layout(r, layout) for r in result)
+    return from_layout(result, layout)
+
+
+def pool_grad(grad_nchw, x_nchw, layout, config, indices=None):
+    kernel_size, stride, padding, dilation, ceil_mode, _ = config
+    if indices is not None:
+        indices = to_layout(indices, layout)
+    grad = cc.max_pool2d_backward(
+        to_layout(grad_nchw, layout), to_layout(x_nchw, layout), kernel_size, stride,
+        padding, dilation, ceil_mode=ceil_mode, layout=layout, indices=indices)
+    return from_layout(grad, layout)
+
+
+# ---- NumPy path against the reference -------------------------------------------
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_matches_reference(config, kind, layout):
+    rng = np.random.default_rng([CONFIGS.index(config), KINDS.index(kind)])
+    x = make_input(rng, (2, 3) + config[-1], np.float64, kind)
+    want, want_at = reference_pool(x, *config[:5])
+    out, at = pool_fn(x, layout, config, return_indices=True)
+    assert out.dtype == x.dtype and at.dtype == np.int64
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(at, want_at)
+    # The values are the picked elements themselves.
+    np.testing.assert_array_equal(
+        np.take_along_axis(x.reshape(2, 3, -1), at.reshape(2, 3, -1), axis=2),
+        out.reshape(2, 3, -1))
+    grad_out = rng.standard_normal(out.shape)
+    grad = pool_grad(grad_out, x, layout, config)
+    np.testing.assert_allclose(grad, reference_grad(x, grad_out, want_at), rtol=1e-12)
+    np.testing.assert_array_equal(pool_grad(grad_out, x, layout, config, indices=at), grad)
+    np.testing.assert_array_equal(pool_fn(x, layout, config), out)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[6], CONFIGS[7]])
+def test_dtypes_match_reference(config, dtype):
+    rng = np.random.default_rng(7)
+    for kind in ("random", "ties"):
+        x = make_input(rng, (2, 2) + config[-1], dtype, kind)
+        want, want_at = reference_pool(x, *config[:5])
+        for layout in ("NHWC", "NCHW"):
+            out, at = pool_fn(x, layout, config, return_indices=True)
+            assert out.dtype == dtype
+            np.testing.assert_array_equal(out, want)
+            np.testing.assert_array_equal(at, want_at)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[5], CONFIGS[8]])
+def test_gradient_dtypes(config, dtype):
+    rng = np.random.default_rng(3)
+    x = make_input(rng, (2, 2) + config[-1], dtype, "ties")
+    _, at = reference_pool(x, *config[:5])
+    grad_out = rng.integers(-8, 8, size=at.shape).astype(dtype) / 4
+    for layout in ("NHWC", "NCHW"):
+        grad = pool_grad(grad_out, x, layout, config)
+        assert grad.dtype == dtype
+        # Small dyadic gradients sum exactly in every float dtype.
+        np.testing.assert_array_equal(grad, reference_grad(x, grad_out, at))
+
+
+@pytest.mark.parametrize("block_bytes", [48, 1500])
+def test_2x1_in_blocks(monkeypatch, block_bytes):
+    """The 2x1 path split into blocks (runs of row pairs of one image, or a
+    few whole images) shared among threads gives the same results."""
+    monkeypatch.setattr(pooling, "_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(block_bytes)
+    x = make_input(rng, (5, 4, 9, 5), np.float32, "nan")
+    pool = pooling._normalize(to_layout(x, "NHWC"), (2, 1), None, 0, 1, False, "NHWC")
+    assert len(pooling._blocks(pool, 4)) > 2
+    for ceil_mode in (False, True):
+        config = ((2, 1), None, 0, 1, ceil_mode, None)
+        want, want_at = reference_pool(x, *config[:5])
+        grad_out = rng.standard_normal(want.shape).astype(np.float32)
+        want_grad = reference_grad(x, grad_out, want_at)
+        for layout in ("NHWC", "NCHW"):
+            out, at = pool_fn(x, layout, config, return_indices=True)
+            np.testing.assert_array_equal(out, want)
+            np.testing.assert_array_equal(at, want_at)
+            for indices in (None, at):
+                np.testing.assert_array_equal(
+                    pool_grad(grad_out, x, layout, config, indices), want_grad)
+
+
+def test_ties_and_nans_pick_the_first():
+    x = np.array([[1.0, 5.0, 5.0, 2.0],
+                  [5.0, 0.0, np.nan, np.nan],
+                  [-np.inf, -np.inf, 7.0, np.nan]]).reshape(1, 1, 3, 4)
+    out, at = cc.max_pool2d(x, (1, 4), layout="NCHW", return_indices=True)
+    np.testing.assert_array_equal(out.ravel(), [5.0, np.nan, np.nan])
+    np.testing.assert_array_equal(at.ravel(), [1, 6, 11])
+    grad = cc.max_pool2d_backward(np.ones((1, 1, 3, 1)), x, (1, 4), layout="NCHW")
+    np.testing.assert_array_equal(grad.reshape(3, 4), [[0, 1, 0, 0],
+                                                        [0, 0, 1, 0],
+                                                        [0, 0, 0, 1]])
+    # 2x1: equal rows -> the top row; a NaN in either row wins.
+    x = np.array([[4.0, 1.0, np.nan, 2.0, -np.inf],
+                  [4.0, 3.0, 1.0, np.nan, -np.inf]]).reshape(1, 2, 5, 1)
+    out, at = cc.max_pool2d(x, (2, 1), return_indices=True)
+    np.testing.assert_array_equal(out.ravel(), [4.0, 3.0, np.nan, np.nan, -np.inf])
+    np.testing.assert_array_equal(at.ravel(), [0, 6, 2, 8, 4])
+    grad = cc.max_pool2d_backward(np.full((1, 1, 5, 1), 2.0), x, (2, 1))
+    np.testing.assert_array_equal(grad.reshape(2, 5), [[2, 0, 2, 0, 2],
+                                                        [0, 2, 0, 2, 0]])
+
+
+def test_padding_is_never_picked():
+    """-inf and integer minima inside the image beat the implicit padding."""
+    x = np.full((1, 1, 3, 3), -np.inf)
+    _, at = cc.max_pool2d(x, 3, stride=1, padding=1, layout="NCHW", return_indices=True)
+    np.testing.assert_array_equal(at[0, 0], [[0, 0, 1], [0, 0, 1], [3, 3, 4]])
+    x = np.full((1, 2, 2, 1), np.iinfo(np.int32).min, np.int32)
+    out, at = cc.max_pool2d(x, 3, stride=1, padding=1, return_indices=True)
+    np.testing.assert_array_equal(out, x)
+    np.testing.assert_array_equal(at.ravel(), [0, 0, 0, 0])
+
+
+def test_gradient_reaches_nan_and_inf_exactly():
+    """Picked gradients are copied bit for bit, unpicked elements get +0."""
+    x = np.array([1.0, 2.0, 3.0, 0.0, 5.0, 5.0]).reshape(1, 6, 1, 1)
+    g = np.array([np.inf, np.nan, -0.0]).reshape(1, 3, 1, 1)
+    for indices in (None, cc.max_pool2d(x, (2, 1), return_indices=True)[1]):
+        grad = cc.max_pool2d_backward(g, x, (2, 1), indices=indices).ravel()
+        # Picks: rows 1 (2 > 1), 2 (3 > 0) and 4 (5 == 5, the first).
+        assert grad[1] == np.inf and np.isnan(grad[2]) and np.signbit(grad[4])
+        assert all(v == 0 and not np.signbit(v) for v in grad[[0, 3, 5]])
+
+
+def test_indices_outside_their_window_contribute_nothing():
+    x = np.arange(8.0).reshape(1, 4, 2, 1)
+    g = np.ones((1, 2, 2, 1))
+    bogus = np.array([0, 1, 2, 3]).reshape(1, 2, 2, 1)  # second row of windows points up
+    grad = cc.max_pool2d_backward(g, x, (2, 1), indices=bogus)
+    np.testing.assert_array_equal(grad.ravel(), [1, 1, 0, 0, 0, 0, 0, 0])
+    # Only the window of rows 3-4 (padding), column 1 holds element 7.
+    grad = cc.max_pool2d_backward(np.ones((1, 3, 2, 1)), x, (2, 1), padding=(1, 0),
+                                  indices=np.full((1, 3, 2, 1), 7))
+    np.testing.assert_array_equal(grad.ravel(), [0] * 7 + [1])
+
+
+def test_odd_layouts_of_the_input():
+    """Non-contiguous views and non-native byte order give the same result."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((2, 9, 6, 8))
+    x = base[:, ::2, :, 1::2]  # (2, 5, 6, 4), strided
+    want = cc.max_pool2d(np.ascontiguousarray(x), (2, 1), ceil_mode=True, return_indices=True)
+    for view in (x, x.astype(">f8")):
+        got = cc.max_pool2d(view, (2, 1), ceil_mode=True, return_indices=True)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    assert cc.max_pool2d(x, 3, 1, 1).flags.c_contiguous
+
+
+def test_empty_batch_and_channels():
+    out, at = cc.max_pool2d(np.zeros((0, 4, 4, 3)), 2, return_indices=True)
+    assert out.shape == at.shape == (0, 2, 2, 3)
+    out = cc.max_pool2d(np.zeros((2, 0, 5, 4), np.int8), (2, 1), layout="NCHW")
+    assert out.shape == (2, 0, 2, 4)
+    grad = cc.max_pool2d_backward(np.zeros((0, 2, 2, 3)), np.zeros((0, 4, 4, 3)), 2)
+    assert grad.shape == (0, 4, 4, 3)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda x: cc.max_pool2d(x[0], 2), ValueError, "x must be 4-D"),
+    (lambda x: cc.max_pool2d(x, 2, layout="HWC"), ValueError, "layout"),
+    (lambda x: cc.max_pool2d(x, 0), ValueError, "kernel_size"),
+    (lambda x: cc.max_pool2d(x, (2, -1)), ValueError, "kernel_size"),
+    (lambda x: cc.max_pool2d(x, (2, 2, 2)), ValueError, "kernel_size"),
+    (lambda x: cc.max_pool2d(x, 2.0), TypeError, "kernel_size"),
+    (lambda x: cc.max_pool2d(x, 2, stride=0), ValueError, "stride"),
+    (lambda x: cc.max_pool2d(x, 2, stride=(1, 1.5)), TypeError, r"stride\[1\]"),
+    (lambda x: cc.max_pool2d(x, 2, padding=-1), ValueError, "padding"),
+    (lambda x: cc.max_pool2d(x, 3, padding=2), ValueError, "padding must be at most"),
+    (lambda x: cc.max_pool2d(x, (3, 1), padding=(1, 1)), ValueError, "padding must be at most"),
+    (lambda x: cc.max_pool2d(x, 2, dilation=0), ValueError, "dilation"),
+    (lambda x: cc.max_pool2d(x, (6, 1)), ValueError, "kernel_size 6"),
+    (lambda x: cc.max_pool2d(x, (1, 2), dilation=(1, 4)), ValueError, "kernel_size 2 .dilation 4"),
+    (lambda x: cc.max_pool2d(x[:, :, :2], 2, stride=1, padding=1, dilation=3),
+     ValueError, "dilation 3 along w leaves a window with no input"),
+    (lambda x: cc.max_pool2d(x, 2, ceil_mode=1), TypeError, "ceil_mode"),
+    (lambda x: cc.max_pool2d(x, 2, return_indices="yes"), TypeError, "return_indices"),
+    (lambda x: cc.max_pool2d(x.astype(bool), 2), TypeError, "x must have a float or integer"),
+    (lambda x: cc.max_pool2d(x.astype(complex), 2), TypeError, "x must have a float or integer"),
+    (lambda x: cc.max_pool2d_backward(np.ones((2, 2, 1, 3)), x, 2), ValueError,
+     r"grad_out must have the output's shape \(2, 2, 2, 3\)"),
+    (lambda x: cc.max_pool2d_backward(np.ones(3), x, 2), ValueError, "grad_out must be 4-D"),
+    (lambda x: cc.max_pool2d_backward(np.ones((2, 2, 2, 3), np.float32), x, 2), TypeError,
+     "share one dtype"),
+    (lambda x: cc.max_pool2d_backward(np.ones((2, 2, 2, 3), int), x.astype(int), 2),
+     TypeError, "grad_out must be float16"),
+    (lambda x: cc.max_pool2d_backward(np.ones((2, 2, 2, 3)), x, 2,
+                                      indices=np.zeros((2, 2, 2, 3), np.int32)),
+     TypeError, "indices must be int64"),
+    (lambda x: cc.max_pool2d_backward(np.ones((2, 2, 2, 3)), x, 2,
+                                      indices=np.zeros((2, 2, 3, 2), np.int64)),
+     ValueError, "indices must have the output's shape"),
+    (lambda x: cc.max_pool2d_backward(np.ones((2, 2, 2, 3)), x, 2, layout="NCWH"),
+     ValueError, "layout"),
+])
+def test_bad_arguments(call, error, match):
+    x = np.zeros((2, 5, 4, 3))  # NHWC
+    with pytest.raises(error, match=match):
+        call(x)
+
+
+# ---- PyTorch ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_matches_torch(config, layout):
+    torch = pytest.importorskip("torch")
+    kernel_size, stride, padding, dilation, ceil_mode, hw = config
+    rng = np.random.default_rng(11)
+    for kind, dtype in (("random", np.float32), ("ties", np.float64),
+                        ("-inf", np.float32), ("ties", np.float16)):
+        x = make_input(rng, (2, 3) + hw, dtype, kind)
+        if kind == "random":  # one NaN per window at most: every window of a
+            x[0, 0, 0, 0] = np.nan  # config holds only taps from its own row/column span
+        t = torch.from_numpy(x).requires_grad_()
+        want, want_at = torch.nn.functional.max_pool2d(
+            t, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
+            return_indices=True)
+        out, at = pool_fn(x, layout, config, return_indices=True)
+        np.testing.assert_array_equal(out, want.detach().numpy())
+        np.testing.assert_array_equal(at, want_at.numpy())
+        grad_out = rng.integers(-4, 5, size=out.shape).astype(dtype)
+        want.backward(torch.from_numpy(grad_out))
+        np.testing.assert_array_equal(pool_grad(grad_out, x, layout, config),
+                                      t.grad.numpy())
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.int32, np.int64])
+def test_integers_match_torch(dtype):
+    torch = pytest.importorskip("torch")
+    x = make_input(np.random.default_rng(2), (2, 3, 7, 6), dtype, "random")
+    for config in (CONFIGS[2], CONFIGS[5], CONFIGS[8]):
+        kernel_size, stride, padding, dilation, ceil_mode, _ = config
+        want, want_at = torch.nn.functional.max_pool2d(
+            torch.from_numpy(x), kernel_size, stride, padding, dilation,
+            ceil_mode=ceil_mode, return_indices=True)
+        out, at = pool_fn(x, "NHWC", config, return_indices=True)
+        np.testing.assert_array_equal(out, want.numpy())
+        np.testing.assert_array_equal(at, want_at.numpy())
+
+
+# ---- CUDA kernels on the CPU executor, against the NumPy path -------------------------
+
+# Shapes chosen so that each kernel meets both of its paths: 16-byte packs
+# (row length W*C, or W for NCHW, a multiple of 16 bytes) and single elements.
+KERNEL_CASES = {
+    "2x1 packs": ("NHWC", (2, 5, 2, 16), ((2, 1), None, 0, 1, True)),
+    "2x1 elements": ("NCHW", (1, 2, 4, 3), ((2, 1), None, 0, 1, False)),
+    "window": ("NCHW", (1, 2, 5, 4), ((3, 2), (2, 1), (1, 1), (1, 2), True)),
+    "window NHWC": ("NHWC", (1, 4, 5, 2), (3, 1, 1, 1, False)),
+}
+
+
+def _kernel_input(dtype, shape):
+    x = make_input(np.random.default_rng(1), shape, dtype, "ties")
+    if np.dtype(dtype).kind == "f":
+        x.flat[::7] = np.nan
+        x.flat[3::11] = -np.inf
+    return x
+
+
+@contextlib.contextmanager
+def numpy_path():
+    """The NumPy path, even while the CPU executor provides the kernels."""
+    with _kernels.use_provider(_kernels.CupyProvider()):
+        assert not _backend.use_kernels(np)
+        yield
+
+
+def _window_args(window):
+    return dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), window))
+
+
+def _forward_both(x, layout, window, to_device):
+    """(NumPy path, kernels) results of max_pool2d with indices."""
+    args = _window_args(window)
+    with numpy_path():
+        want = cc.max_pool2d(x, layout=layout, return_indices=True, **args)
+    got = cc.max_pool2d(to_device(x), layout=layout, return_indices=True, **args)
+    return want, tuple(cc.asnumpy(g) for g in got)
+
+
+def _backward_both(x, layout, window, to_device):
+    """NumPy path's gradient, and the kernels' from x and from indices."""
+    args = _window_args(window)
+    with numpy_path():
+        out, at = cc.max_pool2d(x, layout=layout, return_indices=True, **args)
+        g = np.random.default_rng(2).standard_normal(out.shape).astype(x.dtype)
+        want = cc.max_pool2d_backward(g, x, layout=layout, **args)
+    got = [cc.max_pool2d_backward(to_device(g), to_device(x), layout=layout,
+                                  indices=indices, **args)
+           for indices in (None, to_device(at))]
+    return want, [cc.asnumpy(r) for r in got]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_forward_kernels(cpu_kernels, dtype):
+    """Both forward kernels, every dtype, exactly as the NumPy path."""
+    assert _backend.use_kernels(np)
+    cases = ["2x1 packs", "window"]
+    if dtype in (np.float16, np.int64, np.uint8):
+        cases.append("2x1 elements")
+    for case in cases:
+        layout, shape, window = KERNEL_CASES[case]
+        want, got = _forward_both(_kernel_input(dtype, shape), layout, window,
+                                  np.asarray)
+        np.testing.assert_array_equal(got[0], want[0], err_msg=case)
+        np.testing.assert_array_equal(got[1], want[1], err_msg=case)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_backward_kernels(cpu_kernels, dtype):
+    """Both gradient kernels, from x and from indices, exactly as NumPy
+    (overlapping windows: sums in the same order, float16 in float32)."""
+    for case in ("2x1 packs", "window NHWC"):
+        layout, shape, window = KERNEL_CASES[case]
+        want, got = _backward_both(_kernel_input(dtype, shape), layout, window,
+                                   np.asarray)
+        for g in got:
+            np.testing.assert_array_equal(g, want, err_msg=case)
+
+
+def test_2x1_kernels_fall_back_on_misaligned_buffers(cpu_kernels):
+    """A contiguous input that does not start on 16 bytes takes the
+    element-wise path and still matches."""
+    x = _kernel_input(np.float32, (1, 3, 2, 4))
+    buffer = np.empty(x.size + 1, np.float32)
+    shifted = buffer[1:].reshape(x.shape)
+    shifted[...] = x
+    assert shifted.ctypes.data % 16 != 0 and shifted.flags.c_contiguous
+    window = ((2, 1), None, 0, 1, True)
+    want, got = _forward_both(x, "NHWC", window, lambda a: shifted)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    want, got = _backward_both(x, "NHWC", window,
+                               lambda a: shifted if a.shape == x.shape else a)
+    np.testing.assert_array_equal(got[0], want)
+
+
+# ---- GPU ---------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("case", sorted(KERNEL_CASES))
+def test_gpu_matches_numpy(gpu, case, dtype):
+    cupy = gpu
+    layout, shape, window = KERNEL_CASES[case]
+    # Larger than the executor shapes: many blocks, both layouts' fast paths.
+    shape = (shape[0] * 8,) + shape[1:]
+    x = _kernel_input(dtype, shape)
+    want, got = _forward_both(x, layout, window, cupy.asarray)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    if np.dtype(dtype).kind == "f":
+        want, got = _backward_both(x, layout, window, cupy.asarray)
+        for g in got:
+            np.testing.assert_array_equal(g, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_gpu_2x1_realistic_size(gpu, layout):
+    cupy = gpu
+    x = np.random.default_rng(0).standard_normal((64, 32, 15, 64), dtype=np.float32)
+    x = to_layout(x.transpose(0, 3, 1, 2), layout)
+    want = cc.max_pool2d(x, (2, 1), layout=layout, return_indices=True)
+    got = cc.max_pool2d(cupy.asarray(x), (2, 1), layout=layout, return_indices=True)
+    np.testing.assert_array_equal(got[0].get(), want[0])
+    np.testing.assert_array_equal(got[1].get(), want[1])
+    g = np.ones(want[0].shape, np.float32)
+    np.testing.assert_array_equal(
+        cc.max_pool2d_backward(cupy.asarray(g), cupy.asarray(x), (2, 1), layout=layout).get(),
+        cc.max_pool2d_backward(g, x, (2, 1), layout=layout))
