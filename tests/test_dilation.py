@@ -164,7 +164,8 @@ def test_bad_arguments(kwargs, error, match):
 arrays = hnp.arrays(
     dtype=st.sampled_from([np.int16, np.float32, np.complex128]),
     shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=5),
-    elements=dict(min_value=-100, max_value=100, allow_nan=False),
+    elements=dict(min_value=-100, max_value=100, max_magnitude=100, allow_nan=False,
+                  allow_infinity=False),
 )
 
 
