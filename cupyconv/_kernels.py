@@ -48,6 +48,19 @@ POOL_TYPES = {
 #: The CPU executor's tests and the nvcc warning check instantiate exactly these.
 FAMILIES = {
     "dilate": tuple(f"dilate_gather<{t}>" for t in COPY_TYPES.values()),
+    "conv2d": tuple(
+        f"{kernel}<{t}>"
+        for kernel in ("conv2d_forward_igemm", "conv2d_input_grad_igemm",
+                       "conv2d_weight_grad_igemm", "conv2d_weight_grad_reduce")
+        for t in FLOAT_TYPES.values()
+    ),
+    "maxpool": tuple(
+        f"{kernel}<{t}>" for kernel in ("maxpool2x1_fwd", "maxpool_fwd")
+        for t in POOL_TYPES.values()
+    ) + tuple(
+        f"{kernel}<{t}>" for kernel in ("maxpool2x1_bwd", "maxpool_bwd")
+        for t in FLOAT_TYPES.values()
+    ),
 }
 
 #: Options every module is compiled with (the include path is added per call).

@@ -169,12 +169,13 @@ def _dilated_slices(a, axes, dilation, keep_all=False):
 
     For ``dilate`` they select the ``n`` positions the input lands on in the
     output; with ``keep_all`` they select every such position of ``a`` itself.
+    The leading ``...`` keeps a 0-d result an array (``a[()]`` is a scalar).
     """
     slices = [slice(None)] * a.ndim
     for axis, d in zip(axes, dilation):
         stop = None if keep_all else max(0, (a.shape[axis] - 1) * (d + 1) + 1)
         slices[axis] = slice(0, stop, d + 1)
-    return tuple(slices)
+    return (Ellipsis, *slices)
 
 
 def _gather(a, out_shape, step, in_strides):

@@ -126,6 +126,7 @@ def test_dilate_shape_zero_length_axis():
 def test_zero_dimensional_and_empty_axes():
     a = np.array(5.0)
     assert cc.dilate(a, (), ()) == 5.0
+    assert isinstance(cc.undilate(a, (), ()), np.ndarray)
     assert cc.undilate(a, (), 3) == 5.0
     b = np.arange(6).reshape(2, 3)
     np.testing.assert_array_equal(cc.dilate(b, (), 2), b)

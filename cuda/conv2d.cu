@@ -1,0 +1,568 @@
+// conv2d and its two gradients as implicit GEMMs.
+//
+// Each product is a matrix multiplication C[rows, cols] = sum_k A[rows, k] *
+// B[k, cols] whose operands are never materialised: the tile loaders gather
+// A and B straight from the 4-D tensors and apply padding, stride and
+// dilation on the fly (an im2col or padded copy would cost kh*kw times the
+// input's memory traffic).  Per group g:
+//
+//   kernel                  rows               cols       reduction k
+//   conv2d_forward_igemm    output pixels      C_out/g    taps (i, j, c_in)
+//   conv2d_input_grad_igemm input pixels       C_in/g     taps (i, j, c_out)
+//   conv2d_weight_grad_igemm taps (i, j, c_in) C_out/g    output pixels
+//
+// Tensors are addressed through element strides given in semantic order,
+// (n, h, w, c) for activations and (i, j, c_in, c_out) for weights, so one
+// kernel serves NHWC, NCHW and strided views alike.
+//
+// A block of 256 threads computes a 64 x 64 tile of C; each thread owns a
+// 4 x 4 register micro-tile.  The reduction advances 16 at a time through
+// double-buffered shared memory: the next 16-deep slices of A and B are
+// fetched into registers while the current ones are multiplied, so one
+// barrier per step suffices.  Row tiles, column tiles, groups and (for the
+// weight gradient) reduction splits are folded into a 1-D grid, because
+// gridDim.x allows 2**31 - 1 blocks where y and z stop at 65535.
+//
+// The weight gradient reduces over N*OH*OW, usually far longer than its
+// output is large, so the reduction is cut into fixed chunks whose partial
+// sums go to a workspace; conv2d_weight_grad_reduce adds them in a fixed
+// order.  No atomics anywhere: results are bitwise reproducible.
+#include "cupyconv_common.cuh"
+
+using cupyconv::index_t;
+
+namespace conv2d {
+
+template <typename T>
+using Acc = typename cupyconv::accumulator<T>::type;
+
+constexpr int kTile = 64;       // rows and columns of C per block
+constexpr int kTileK = 16;      // reduction depth of one shared-memory slice
+// Launch with exactly this many threads.  The GEMM kernels declare
+// __launch_bounds__(kThreads, 2): two resident blocks per SM cap them at 128
+// registers (without the cap they take ~165 and only one block fits; the
+// cap spills a few bytes of setup for float, ~100 bytes for double).
+constexpr int kThreads = 256;
+constexpr int kLanes = 16;      // threads along each side of the C tile
+constexpr int kMicro = kTile / kLanes;                      // 4 x 4 per thread
+constexpr int kPerThread = kTile * kTileK / kThreads;       // loads per slice
+// Row pitch of a slice: with 66 (= 2 mod 32) both fill patterns, along rows
+// and along k, hit 32 distinct banks.
+constexpr int kPitch = kTile + 2;
+// The loaders give each thread one reduction index and kPerThread rows.
+static_assert(kThreads == kLanes * kTileK && kTile == kLanes * kPerThread,
+              "tile shape and thread count do not match");
+
+struct Geometry {
+    index_t batch, height, width;          // input N, H, W
+    index_t out_height, out_width;         // OH, OW
+    index_t kernel_h, kernel_w;
+    index_t cin_g, cout_g, groups;         // channels per group
+    index_t stride_h, stride_w;
+    index_t pad_top, pad_left;
+    index_t dilation_h, dilation_w;
+};
+
+// The geometry is the same first 16 parameters of every GEMM kernel; the
+// macros keep the three signatures and the Python argument order in step.
+#define CONV2D_GEOMETRY_PARAMS                                              \
+    index_t batch, index_t height, index_t width, index_t out_height,       \
+        index_t out_width, index_t kernel_h, index_t kernel_w,              \
+        index_t cin_g, index_t cout_g, index_t groups, index_t stride_h,    \
+        index_t stride_w, index_t pad_top, index_t pad_left,                \
+        index_t dilation_h, index_t dilation_w
+#define CONV2D_GEOMETRY                                                     \
+    conv2d::Geometry {                                                      \
+        batch, height, width, out_height, out_width, kernel_h, kernel_w,    \
+            cin_g, cout_g, groups, stride_h, stride_w, pad_top, pad_left,   \
+            dilation_h, dilation_w                                          \
+    }
+
+struct TensorStrides { index_t n, h, w, c; };
+struct WeightStrides { index_t i, j, cin, cout; };
+
+// Tap (i, j, c) of a flat tap index, channel fastest.
+struct Tap { index_t i, j, c; };
+__device__ __forceinline__ Tap split_tap(index_t k, index_t kernel_w,
+                                         index_t channels) {
+    const index_t ij = k / channels;
+    return Tap{ij / kernel_w, ij % kernel_w, k - ij * channels};
+}
+
+// Pixel (n, y, x) of a flat pixel index, x fastest.
+struct Pixel { index_t n, y, x; };
+__device__ __forceinline__ Pixel split_pixel(index_t p, index_t height,
+                                             index_t width) {
+    const index_t ny = p / width;
+    return Pixel{ny / height, ny % height, p - ny * width};
+}
+
+// The two kinds of reduction index.  A loader splits its first index once
+// and then steps it kTileK at a time with carries: 64-bit divisions per
+// element would cost more than the multiply-adds they feed.
+struct TapWalk {
+    index_t kernel_w, channels;
+    typedef Tap Position;
+    __device__ Tap locate(index_t k) const {
+        return split_tap(k, kernel_w, channels);
+    }
+    __device__ void advance(Tap& t) const {
+        t.c += kTileK;
+        while (t.c >= channels) {
+            t.c -= channels;
+            if (++t.j == kernel_w) {
+                t.j = 0;
+                ++t.i;
+            }
+        }
+    }
+};
+
+struct PixelWalk {
+    index_t height, width;
+    typedef Pixel Position;
+    __device__ Pixel locate(index_t k) const {
+        return split_pixel(k, height, width);
+    }
+    __device__ void advance(Pixel& p) const {
+        p.x += kTileK;
+        while (p.x >= width) {
+            p.x -= width;
+            if (++p.y == height) {
+                p.y = 0;
+                ++p.n;
+            }
+        }
+    }
+};
+
+// x[n, iy, ix, c], zero in the padding.
+template <typename T>
+__device__ __forceinline__ Acc<T> input_at(const T* x, const TensorStrides& s,
+                                           const Geometry& g, index_t n,
+                                           index_t iy, index_t ix, index_t c) {
+    const bool inside = iy >= 0 && iy < g.height && ix >= 0 && ix < g.width;
+    return inside ? cupyconv::to_acc(x[n * s.n + iy * s.h + ix * s.w + c * s.c])
+                  : Acc<T>(0);
+}
+
+// ---- GEMM operands ----------------------------------------------------------
+// Each operand is a virtual matrix [rows x k]: row(r) precomputes what does
+// not depend on k, walk steps the reduction index, at(row, position) gathers
+// one element.
+
+// Forward A: output pixel p, tap k -> x at the tap's position in p's window.
+template <typename T>
+struct ForwardInput {
+    typedef TapWalk Walk;
+    const T* x;  // first channel of the group
+    TensorStrides s;
+    Geometry g;
+    Walk walk;   // over (kernel_h, kernel_w, cin_g)
+    struct Row { index_t n, y0, x0; };  // window corner, may lie in padding
+    __device__ Row row(index_t p) const {
+        const Pixel px = split_pixel(p, g.out_height, g.out_width);
+        return Row{px.n, px.y * g.stride_h - g.pad_top,
+                   px.x * g.stride_w - g.pad_left};
+    }
+    __device__ Acc<T> at(const Row& r, const Tap& t) const {
+        return input_at(x, s, g, r.n, r.y0 + t.i * g.dilation_h,
+                        r.x0 + t.j * g.dilation_w, t.c);
+    }
+};
+
+// Weight-gradient A: tap t, output pixel k -> the same x element as above
+// with the roles of row and reduction index swapped.
+template <typename T>
+struct WeightGradInput {
+    typedef PixelWalk Walk;
+    const T* x;
+    TensorStrides s;
+    Geometry g;
+    Walk walk;  // over (batch, out_height, out_width)
+    struct Row { index_t dy, dx, c; };  // tap offset from the window's origin
+    __device__ Row row(index_t t) const {
+        const Tap tap = split_tap(t, g.kernel_w, g.cin_g);
+        return Row{tap.i * g.dilation_h - g.pad_top,
+                   tap.j * g.dilation_w - g.pad_left, tap.c};
+    }
+    __device__ Acc<T> at(const Row& r, const Pixel& p) const {
+        return input_at(x, s, g, p.n, p.y * g.stride_h + r.dy,
+                        p.x * g.stride_w + r.dx, r.c);
+    }
+};
+
+// Input-gradient A: input pixel p, tap k = (i, j, co) -> grad_out at the
+// output pixel whose window puts tap (i, j) on p, zero where no output pixel
+// does (p between strides, or beyond the last window).
+template <typename T>
+struct InputGradOutput {
+    typedef TapWalk Walk;
+    const T* grad_out;  // first channel of the group
+    TensorStrides s;
+    Geometry g;
+    Walk walk;  // over (kernel_h, kernel_w, cout_g)
+    struct Row { index_t n, y, x; };  // p's position in the padded input
+    __device__ Row row(index_t p) const {
+        const Pixel px = split_pixel(p, g.height, g.width);
+        return Row{px.n, px.y + g.pad_top, px.x + g.pad_left};
+    }
+    __device__ Acc<T> at(const Row& r, const Tap& t) const {
+        // Output row oy reaches padded row y through tap i iff
+        // oy * stride_h + i * dilation_h == y.
+        const index_t ny = r.y - t.i * g.dilation_h;
+        const index_t nx = r.x - t.j * g.dilation_w;
+        const index_t oy = ny / g.stride_h;
+        const index_t ox = nx / g.stride_w;
+        const bool hit = ny >= 0 && nx >= 0 && oy * g.stride_h == ny &&
+                         ox * g.stride_w == nx && oy < g.out_height &&
+                         ox < g.out_width;
+        return hit ? cupyconv::to_acc(
+                         grad_out[r.n * s.n + oy * s.h + ox * s.w + t.c * s.c])
+                   : Acc<T>(0);
+    }
+};
+
+// B of forward and input gradient: column channel col, tap k = (i, j, r) ->
+// w[i, j, r, col] (strides of the r and col axes chosen by the caller: the
+// forward reduces over c_in, the input gradient over c_out).
+template <typename T>
+struct KernelTaps {
+    typedef TapWalk Walk;
+    const T* w;  // first output channel of the group
+    index_t stride_i, stride_j, stride_r, stride_col;
+    Walk walk;   // over (kernel_h, kernel_w, extent of r)
+    struct Row { index_t offset; };
+    __device__ Row row(index_t col) const { return Row{col * stride_col}; }
+    __device__ Acc<T> at(const Row& r, const Tap& t) const {
+        return cupyconv::to_acc(
+            w[r.offset + t.i * stride_i + t.j * stride_j + t.c * stride_r]);
+    }
+};
+
+// Weight-gradient B: output channel co, output pixel k -> grad_out[k, co].
+template <typename T>
+struct WeightGradOutput {
+    typedef PixelWalk Walk;
+    const T* grad_out;  // first channel of the group
+    TensorStrides s;
+    Walk walk;  // over (batch, out_height, out_width)
+    struct Row { index_t offset; };
+    __device__ Row row(index_t co) const { return Row{co * s.c}; }
+    __device__ Acc<T> at(const Row& r, const Pixel& p) const {
+        return cupyconv::to_acc(
+            grad_out[p.n * s.n + p.y * s.h + p.x * s.w + r.offset]);
+    }
+};
+
+// ---- tiled multiplication ---------------------------------------------------
+
+// Loads one operand's 16 x 64 slices (k x rows) into shared memory.  Each
+// thread owns one reduction index and kPerThread rows 16 apart.  With
+// rows_fastest, consecutive threads take consecutive rows (coalesced when
+// adjacent rows are adjacent in memory, e.g. NCHW pixels); otherwise
+// consecutive reduction indices (e.g. NHWC channels).
+template <class Operand, typename A>
+struct TileLoader {
+    Operand op;
+    typename Operand::Row rows[kPerThread];
+    bool row_ok[kPerThread];
+    int tile_row0;  // this thread's rows: tile_row0 + 16*r
+    int tile_k;
+    index_t k;      // this thread's reduction index in the next slice
+    typename Operand::Walk::Position position;  // k, split into its parts
+
+    __device__ TileLoader(const Operand& operand, index_t first_row,
+                          index_t row_count, bool rows_fastest)
+        : op(operand), k(0), position() {
+        const int t = threadIdx.x;
+        tile_row0 = rows_fastest ? t % kLanes : t / kTileK;
+        tile_k = rows_fastest ? t / kLanes : t % kTileK;
+        for (int r = 0; r < kPerThread; ++r) {
+            const index_t row = first_row + tile_row0 + r * kLanes;
+            row_ok[r] = row < row_count;
+            rows[r] = op.row(row);
+        }
+    }
+    __device__ void begin(index_t k_begin) {
+        k = k_begin + tile_k;
+        position = op.walk.locate(k);
+    }
+    // This thread's elements of the next slice; moves on to the one after.
+    __device__ void fetch(index_t k_end, A (&v)[kPerThread]) {
+        for (int r = 0; r < kPerThread; ++r) {
+            v[r] = (row_ok[r] && k < k_end) ? op.at(rows[r], position) : A(0);
+        }
+        k += kTileK;
+        op.walk.advance(position);
+    }
+    __device__ void store(A* slice, const A (&v)[kPerThread]) const {
+        for (int r = 0; r < kPerThread; ++r) {
+            slice[tile_k * kPitch + tile_row0 + r * kLanes] = v[r];
+        }
+    }
+};
+
+template <typename A>
+struct SharedSlices {
+    A a[2][kTileK * kPitch];
+    A b[2][kTileK * kPitch];
+};
+
+// This thread's place in the 16 x 16 thread grid over the C tile; it owns
+// rows lane_row + 16*i and columns lane_col + 16*j (strided, so reads of a
+// slice row are conflict-free).  lanes_along_rows makes consecutive threads
+// differ in row, for outputs whose rows are adjacent in memory.
+struct Lane {
+    int row, col;
+    __device__ explicit Lane(bool lanes_along_rows) {
+        const int t = threadIdx.x;
+        row = lanes_along_rows ? t % kLanes : t / kLanes;
+        col = lanes_along_rows ? t / kLanes : t % kLanes;
+    }
+};
+
+// acc = A[row tile, k_begin:k_end] @ B[k_begin:k_end, col tile].
+template <typename A, class OpA, class OpB>
+__device__ void multiply_tiles(TileLoader<OpA, A>& a, TileLoader<OpB, A>& b,
+                               index_t k_begin, index_t k_end,
+                               const Lane& lane, SharedSlices<A>& smem,
+                               A (&acc)[kMicro][kMicro]) {
+    for (int i = 0; i < kMicro; ++i) {
+        for (int j = 0; j < kMicro; ++j) acc[i][j] = A(0);
+    }
+    // Same for the whole block, so no barrier is skipped by some threads
+    // only; an empty reduction must not split a tap index over 0 channels.
+    if (k_begin >= k_end) return;
+    A next_a[kPerThread];
+    A next_b[kPerThread];
+    a.begin(k_begin);
+    b.begin(k_begin);
+    a.fetch(k_end, next_a);
+    b.fetch(k_end, next_b);
+    a.store(smem.a[0], next_a);
+    b.store(smem.b[0], next_b);
+    __syncthreads();
+    int buffer = 0;
+    for (index_t k0 = k_begin; k0 < k_end; k0 += kTileK) {
+        const bool more = k0 + kTileK < k_end;  // same for the whole block
+        if (more) {
+            a.fetch(k_end, next_a);
+            b.fetch(k_end, next_b);
+        }
+        const A* a_slice = smem.a[buffer];
+        const A* b_slice = smem.b[buffer];
+        for (int kk = 0; kk < kTileK; ++kk) {
+            A av[kMicro];
+            A bv[kMicro];
+            for (int i = 0; i < kMicro; ++i) {
+                av[i] = a_slice[kk * kPitch + lane.row + i * kLanes];
+                bv[i] = b_slice[kk * kPitch + lane.col + i * kLanes];
+            }
+            for (int i = 0; i < kMicro; ++i) {
+                for (int j = 0; j < kMicro; ++j) acc[i][j] += av[i] * bv[j];
+            }
+        }
+        // The other buffer was last read before the previous barrier.
+        if (more) {
+            a.store(smem.a[buffer ^ 1], next_a);
+            b.store(smem.b[buffer ^ 1], next_b);
+        }
+        __syncthreads();
+        buffer ^= 1;
+    }
+}
+
+// Which tile of C (and of which group and reduction split) this block owns.
+struct BlockTile {
+    index_t row0, col0, group, split;
+    __device__ BlockTile(index_t rows, index_t cols, index_t groups) {
+        const index_t row_tiles = (rows + kTile - 1) / kTile;
+        const index_t col_tiles = (cols + kTile - 1) / kTile;
+        index_t b = blockIdx.x;  // row tile fastest: neighbours share B
+        row0 = b % row_tiles * kTile;
+        b /= row_tiles;
+        col0 = b % col_tiles * kTile;
+        b /= col_tiles;
+        group = b % groups;
+        split = b / groups;
+    }
+};
+
+// Epilogue of forward and input gradient: C[pixel, channel] (+ bias[channel])
+// into a 4-D activation tensor.  out and bias start at the group's channel 0.
+template <typename T, typename A>
+__device__ void store_pixel_tile(T* out, const TensorStrides& s,
+                                 index_t height, index_t width,
+                                 index_t pixels, index_t channels,
+                                 const BlockTile& tile, const Lane& lane,
+                                 const A (&acc)[kMicro][kMicro],
+                                 const T* bias, index_t bias_stride,
+                                 bool has_bias) {
+    for (int i = 0; i < kMicro; ++i) {
+        const index_t p = tile.row0 + lane.row + i * kLanes;
+        if (p >= pixels) continue;
+        const Pixel px = split_pixel(p, height, width);
+        T* out_pixel = out + px.n * s.n + px.y * s.h + px.x * s.w;
+        for (int j = 0; j < kMicro; ++j) {
+            const index_t c = tile.col0 + lane.col + j * kLanes;
+            if (c >= channels) continue;
+            const A shift =
+                has_bias ? cupyconv::to_acc(bias[c * bias_stride]) : A(0);
+            out_pixel[c * s.c] = cupyconv::from_acc<T>(acc[i][j] + shift);
+        }
+    }
+}
+
+}  // namespace conv2d
+
+// y[n, oh, ow, g*Cog + co] = bias[g*Cog + co] + sum over (i, j, c) of
+//   x[n, oh*sh - top + i*dh, ow*sw - left + j*dw, g*Cig + c] * w[i, j, c, g*Cog + co]
+// One block: 64 output pixels x 64 output channels of one group.  bias is
+// read only when has_bias (pass any T array otherwise).
+template <typename T>
+__global__ void __launch_bounds__(conv2d::kThreads, 2) conv2d_forward_igemm(
+    const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+    T* __restrict__ y, CONV2D_GEOMETRY_PARAMS,
+    index_t x_sn, index_t x_sh, index_t x_sw, index_t x_sc,
+    index_t w_si, index_t w_sj, index_t w_scin, index_t w_scout,
+    index_t y_sn, index_t y_sh, index_t y_sw, index_t y_sc,
+    index_t bias_stride, int has_bias, int x_rows_fastest, int w_rows_fastest,
+    int lanes_along_rows) {
+    using namespace conv2d;
+    typedef Acc<T> A;
+    __shared__ SharedSlices<A> smem;
+    const Geometry g = CONV2D_GEOMETRY;
+    const TensorStrides xs{x_sn, x_sh, x_sw, x_sc};
+    const TensorStrides ys{y_sn, y_sh, y_sw, y_sc};
+    const index_t pixels = g.batch * g.out_height * g.out_width;
+    const BlockTile tile(pixels, g.cout_g, g.groups);
+    const Lane lane(lanes_along_rows != 0);
+
+    const ForwardInput<T> input{x + tile.group * g.cin_g * x_sc, xs, g,
+                                 TapWalk{g.kernel_w, g.cin_g}};
+    const KernelTaps<T> taps{w + tile.group * g.cout_g * w_scout, w_si, w_sj,
+                             w_scin, w_scout, TapWalk{g.kernel_w, g.cin_g}};
+    TileLoader<ForwardInput<T>, A> a(input, tile.row0, pixels,
+                                           x_rows_fastest != 0);
+    TileLoader<KernelTaps<T>, A> b(taps, tile.col0, g.cout_g,
+                                         w_rows_fastest != 0);
+    A acc[kMicro][kMicro];
+    multiply_tiles(a, b, 0, g.kernel_h * g.kernel_w * g.cin_g, lane, smem, acc);
+    store_pixel_tile(y + tile.group * g.cout_g * y_sc, ys, g.out_height,
+                     g.out_width, pixels, g.cout_g, tile, lane, acc,
+                     bias + tile.group * g.cout_g * bias_stride, bias_stride,
+                     has_bias != 0);
+}
+
+// grad_x[n, iy, ix, g*Cig + c] = sum over (i, j, co) of
+//   grad_out[n, oy, ox, g*Cog + co] * w[i, j, c, g*Cog + co]
+// over the (oy, ox) with oy*sh - top + i*dh == iy and ox*sw - left + j*dw == ix.
+// Every input pixel is written, the ones no window reads with zero.
+// One block: 64 input pixels x 64 input channels of one group.
+template <typename T>
+__global__ void __launch_bounds__(conv2d::kThreads, 2) conv2d_input_grad_igemm(
+    const T* __restrict__ grad_out, const T* __restrict__ w,
+    T* __restrict__ grad_x, CONV2D_GEOMETRY_PARAMS,
+    index_t go_sn, index_t go_sh, index_t go_sw, index_t go_sc,
+    index_t w_si, index_t w_sj, index_t w_scin, index_t w_scout,
+    index_t gx_sn, index_t gx_sh, index_t gx_sw, index_t gx_sc,
+    int go_rows_fastest, int w_rows_fastest, int lanes_along_rows) {
+    using namespace conv2d;
+    typedef Acc<T> A;
+    __shared__ SharedSlices<A> smem;
+    const Geometry g = CONV2D_GEOMETRY;
+    const TensorStrides gos{go_sn, go_sh, go_sw, go_sc};
+    const TensorStrides gxs{gx_sn, gx_sh, gx_sw, gx_sc};
+    const index_t pixels = g.batch * g.height * g.width;
+    const BlockTile tile(pixels, g.cin_g, g.groups);
+    const Lane lane(lanes_along_rows != 0);
+
+    const InputGradOutput<T> grads{grad_out + tile.group * g.cout_g * go_sc,
+                                   gos, g, TapWalk{g.kernel_w, g.cout_g}};
+    // Reduce over c_out (r) for each c_in column.
+    const KernelTaps<T> taps{w + tile.group * g.cout_g * w_scout, w_si, w_sj,
+                             w_scout, w_scin, TapWalk{g.kernel_w, g.cout_g}};
+    TileLoader<InputGradOutput<T>, A> a(grads, tile.row0, pixels,
+                                              go_rows_fastest != 0);
+    TileLoader<KernelTaps<T>, A> b(taps, tile.col0, g.cin_g,
+                                         w_rows_fastest != 0);
+    A acc[kMicro][kMicro];
+    multiply_tiles(a, b, 0, g.kernel_h * g.kernel_w * g.cout_g, lane, smem, acc);
+    store_pixel_tile(grad_x + tile.group * g.cin_g * gx_sc, gxs, g.height,
+                     g.width, pixels, g.cin_g, tile, lane, acc, grad_x, 0,
+                     false);
+}
+
+// Partial weight gradient of one reduction split:
+//   partial[split, g, (i, j, c), co] = sum over output pixels (n, oy, ox) of
+//   the split's chunk of x[n, oy*sh - top + i*dh, ox*sw - left + j*dw, g*Cig + c]
+//   * grad_out[n, oy, ox, g*Cog + co].
+// split_len (a multiple of 16) output pixels per split; partial is
+// contiguous [splits, groups, kh*kw*Cig, Cog] in the accumulator type.
+template <typename T>
+__global__ void __launch_bounds__(conv2d::kThreads, 2) conv2d_weight_grad_igemm(
+    const T* __restrict__ x, const T* __restrict__ grad_out,
+    typename cupyconv::accumulator<T>::type* __restrict__ partial,
+    CONV2D_GEOMETRY_PARAMS,
+    index_t x_sn, index_t x_sh, index_t x_sw, index_t x_sc,
+    index_t go_sn, index_t go_sh, index_t go_sw, index_t go_sc,
+    index_t split_len, int x_rows_fastest, int go_rows_fastest) {
+    using namespace conv2d;
+    typedef Acc<T> A;
+    __shared__ SharedSlices<A> smem;
+    const Geometry g = CONV2D_GEOMETRY;
+    const TensorStrides xs{x_sn, x_sh, x_sw, x_sc};
+    const TensorStrides gos{go_sn, go_sh, go_sw, go_sc};
+    const index_t taps = g.kernel_h * g.kernel_w * g.cin_g;
+    const index_t pixels = g.batch * g.out_height * g.out_width;
+    const BlockTile tile(taps, g.cout_g, g.groups);
+    // partial rows are taps, contiguous along output channels.
+    const Lane lane(false);
+
+    const PixelWalk pixel_walk{g.out_height, g.out_width};
+    const WeightGradInput<T> input{x + tile.group * g.cin_g * x_sc, xs, g,
+                                   pixel_walk};
+    const WeightGradOutput<T> grads{grad_out + tile.group * g.cout_g * go_sc,
+                                    gos, pixel_walk};
+    TileLoader<WeightGradInput<T>, A> a(input, tile.row0, taps,
+                                              x_rows_fastest != 0);
+    TileLoader<WeightGradOutput<T>, A> b(grads, tile.col0, g.cout_g,
+                                               go_rows_fastest != 0);
+    const index_t k_begin = tile.split * split_len;
+    const index_t k_end = min(pixels, k_begin + split_len);
+    A acc[kMicro][kMicro];
+    multiply_tiles(a, b, k_begin, k_end, lane, smem, acc);
+
+    A* out = partial + (tile.split * g.groups + tile.group) * taps * g.cout_g;
+    for (int i = 0; i < kMicro; ++i) {
+        const index_t t = tile.row0 + lane.row + i * kLanes;
+        for (int j = 0; j < kMicro; ++j) {
+            const index_t co = tile.col0 + lane.col + j * kLanes;
+            if (t < taps && co < g.cout_g) out[t * g.cout_g + co] = acc[i][j];
+        }
+    }
+}
+
+// grad_w[i, j, c, g*Cog + co] = sum over s = 0 .. splits-1, in this order, of
+// partial[s, g, (i, j, c), co].
+template <typename T>
+__global__ void conv2d_weight_grad_reduce(
+    const typename cupyconv::accumulator<T>::type* __restrict__ partial,
+    T* __restrict__ grad_w, index_t splits, index_t groups, index_t kernel_w,
+    index_t taps, index_t cin_g, index_t cout_g, index_t w_si, index_t w_sj,
+    index_t w_scin, index_t w_scout) {
+    typedef conv2d::Acc<T> A;
+    const index_t count = groups * taps * cout_g;
+    for (index_t e = cupyconv::global_thread_id(); e < count;
+         e += cupyconv::grid_stride()) {
+        A sum = partial[e];
+        for (index_t s = 1; s < splits; ++s) sum += partial[s * count + e];
+        const index_t co = e % cout_g;
+        const index_t gt = e / cout_g;
+        const conv2d::Tap tap = conv2d::split_tap(gt % taps, kernel_w, cin_g);
+        const index_t out_channel = gt / taps * cout_g + co;
+        grad_w[tap.i * w_si + tap.j * w_sj + tap.c * w_scin +
+               out_channel * w_scout] = cupyconv::from_acc<T>(sum);
+    }
+}

@@ -1,0 +1,287 @@
+"""GPU launch code of conv2d and its two gradients (``cuda/conv2d.cu``).
+
+:mod:`cupyconv.convolution` calls these with validated, normalised
+arguments: ``stride`` and ``dilation`` are ``(h, w)`` pairs, ``padding`` is
+``((top, bottom), (left, right))``, ``layout`` is ``"NHWC"`` (x ``(N, H, W,
+C_in)``, w ``(kh, kw, C_in/groups, C_out)``) or ``"NCHW"`` (x ``(N, C_in, H,
+W)``, w ``(C_out, C_in/groups, kh, kw)``), and every array shares one float
+dtype.  Arrays are CuPy arrays, or NumPy arrays under the test suite's CPU
+executor; every function returns a new array of that dtype in ``layout``.
+
+The kernels address every tensor through element strides in semantic order,
+(n, h, w, c) for activations and (i, j, c_in, c_out) for weights, so both
+layouts and any strided view are read in place, without a transposed copy.
+A 1x1, stride-1, unpadded, ungrouped convolution is a plain matrix product
+and goes to ``xp.matmul`` (cuBLAS on the GPU; it accumulates float16 in
+float32, as NumPy does).
+"""
+
+import numpy
+
+from . import _args, _backend, _kernels
+
+# Must match conv2d.cu: a block computes a _TILE x _TILE tile of the GEMM
+# with _THREADS threads, reducing _SLICE at a time.
+_TILE = 64
+_SLICE = 16
+_THREADS = 256
+_MAX_BLOCKS = 2**31 - 1  # gridDim.x
+
+# Split-K of the weight gradient: enough blocks to keep a large GPU busy,
+# but each split at least _MIN_SPLIT_SLICES slices deep so that the partial
+# sums cost little next to the products, and a bounded workspace.
+_TARGET_BLOCKS = 1024
+_MIN_SPLIT_SLICES = 8
+_MAX_SPLITS = 64
+
+# Axes of (n, h, w, c) for activations and of (i, j, c_in, c_out) for weights.
+_ACTIVATION_AXES = {"NHWC": (0, 1, 2, 3), "NCHW": (0, 2, 3, 1)}
+_WEIGHT_AXES = {"NHWC": (0, 1, 2, 3), "NCHW": (2, 3, 1, 0)}
+
+
+def conv2d_forward(x, w, bias, stride, padding, dilation, groups, layout, out_hw):
+    """``y = conv2d(x, w) + bias`` as an array of shape ``(N, OH, OW, C_out)``
+    (NHWC) or ``(N, C_out, OH, OW)`` (NCHW)."""
+    xp = _backend.array_module_of(x)
+    n, c_in, h, width = _args.spatial_shape(x.shape, layout)
+    kh, kw, cin_g, c_out = _weight_dims(w.shape, layout)
+    if _is_matrix_product(kh, kw, stride, padding, groups):
+        return _matmul_forward(xp, x, w, bias, layout)
+    oh, ow = out_hw
+    y = xp.empty(_activation_shape(n, c_out, oh, ow, layout), dtype=x.dtype)
+    if y.size == 0:
+        return y
+    x, w = _addressable(xp, x), _addressable(xp, w)
+    cout_g = c_out // groups
+    xs = _strides(x, _ACTIVATION_AXES[layout])
+    ws = _strides(w, _WEIGHT_AXES[layout])
+    ys = _strides(y, _ACTIVATION_AXES[layout])
+    has_bias = bias is not None
+    if has_bias:
+        bias = _addressable(xp, bias)
+        bias_stride = bias.strides[0] // bias.itemsize
+    else:
+        bias, bias_stride = y, 0  # never read; any array of the dtype will do
+    geometry = _geometry(n, h, width, oh, ow, kh, kw, cin_g, cout_g, groups,
+                         stride, padding, dilation)
+    flags = (
+        int(has_bias),
+        # A: rows are output pixels, k is (i, j, c_in) with c_in fastest.
+        _rows_fastest(xs[2] * stride[1], xs[3]),
+        # B: rows are output channels, k runs along c_in.
+        _rows_fastest(ws[3], ws[2]),
+        _rows_fastest(ys[2], ys[3]),  # lanes along the output's pixels?
+    )
+    _launch_gemm(
+        "conv2d_forward_igemm", x.dtype, n * oh * ow, cout_g, groups, 1,
+        (x, w, bias, y) + geometry + xs + ws + ys + (numpy.int64(bias_stride),)
+        + tuple(numpy.int32(f) for f in flags),
+    )
+    return y
+
+
+def conv2d_input_grad(w, grad_out, input_shape, stride, padding, dilation,
+                      groups, layout):
+    """Gradient of ``conv2d`` with respect to its input, of ``input_shape``."""
+    xp = _backend.array_module_of(grad_out)
+    n, c_in, h, width = _args.spatial_shape(input_shape, layout)
+    _, c_out, oh, ow = _args.spatial_shape(grad_out.shape, layout)
+    kh, kw, cin_g, _ = _weight_dims(w.shape, layout)
+    if _is_matrix_product(kh, kw, stride, padding, groups):
+        return _matmul_input_grad(xp, w, grad_out, layout)
+    grad_x = xp.empty(tuple(input_shape), dtype=grad_out.dtype)
+    if grad_x.size == 0:
+        return grad_x
+    w, grad_out = _addressable(xp, w), _addressable(xp, grad_out)
+    gos = _strides(grad_out, _ACTIVATION_AXES[layout])
+    ws = _strides(w, _WEIGHT_AXES[layout])
+    gxs = _strides(grad_x, _ACTIVATION_AXES[layout])
+    geometry = _geometry(n, h, width, oh, ow, kh, kw, cin_g, c_out // groups,
+                         groups, stride, padding, dilation)
+    flags = (
+        # A: rows are input pixels, k is (i, j, c_out) with c_out fastest.
+        _rows_fastest(gos[2], gos[3]),
+        # B: rows are input channels, k runs along c_out.
+        _rows_fastest(ws[2], ws[3]),
+        _rows_fastest(gxs[2], gxs[3]),
+    )
+    _launch_gemm(
+        "conv2d_input_grad_igemm", w.dtype, n * h * width, cin_g, groups, 1,
+        (grad_out, w, grad_x) + geometry + gos + ws + gxs
+        + tuple(numpy.int32(f) for f in flags),
+    )
+    return grad_x
+
+
+def conv2d_weight_grad(x, grad_out, weight_shape, stride, padding, dilation,
+                       groups, layout):
+    """Gradient of ``conv2d`` with respect to its weight, of ``weight_shape``.
+
+    The reduction over the ``N*OH*OW`` output pixels is split into chunks of
+    a size fixed by the shapes alone; ``conv2d_weight_grad_reduce`` adds the
+    chunks' partial sums in order, so results are reproducible bit for bit.
+    """
+    xp = _backend.array_module_of(x)
+    n, _, h, width = _args.spatial_shape(x.shape, layout)
+    _, c_out, oh, ow = _args.spatial_shape(grad_out.shape, layout)
+    kh, kw, cin_g, _ = _weight_dims(weight_shape, layout)
+    if _is_matrix_product(kh, kw, stride, padding, groups):
+        return _matmul_weight_grad(xp, x, grad_out, layout)
+    grad_w = xp.empty(tuple(weight_shape), dtype=x.dtype)
+    if grad_w.size == 0:
+        return grad_w
+    x, grad_out = _addressable(xp, x), _addressable(xp, grad_out)
+    cout_g = c_out // groups
+    taps = kh * kw * cin_g
+    splits, split_len = _weight_grad_splits(taps, cout_g, groups, n * oh * ow)
+    acc_dtype = numpy.float64 if x.dtype == numpy.float64 else numpy.float32
+    partial = xp.empty((splits, groups, taps, cout_g), dtype=acc_dtype)
+    xs = _strides(x, _ACTIVATION_AXES[layout])
+    gos = _strides(grad_out, _ACTIVATION_AXES[layout])
+    geometry = _geometry(n, h, width, oh, ow, kh, kw, cin_g, cout_g, groups,
+                         stride, padding, dilation)
+    flags = (
+        # A: rows are (i, j, c_in) with c_in fastest, k is output pixels.
+        _rows_fastest(xs[3], xs[2] * stride[1]),
+        # B: rows are output channels, k is output pixels.
+        _rows_fastest(gos[3], gos[2]),
+    )
+    _launch_gemm(
+        "conv2d_weight_grad_igemm", x.dtype, taps, cout_g, groups, splits,
+        (x, grad_out, partial) + geometry + xs + gos + (numpy.int64(split_len),)
+        + tuple(numpy.int32(f) for f in flags),
+    )
+    ws = _strides(grad_w, _WEIGHT_AXES[layout])
+    reduce = _kernels.get_function(
+        "conv2d", f"conv2d_weight_grad_reduce<{_type_name(x.dtype)}>")
+    reduce(
+        _kernels.grid_for(grad_w.size), (_THREADS,),
+        (partial, grad_w)
+        + tuple(numpy.int64(v) for v in (splits, groups, kw, taps, cin_g, cout_g))
+        + ws,
+    )
+    return grad_w
+
+
+# ---- matrix-product path ------------------------------------------------------
+
+def _is_matrix_product(kh, kw, stride, padding, groups):
+    """A 1x1 kernel at stride 1 without padding or groups multiplies every
+    pixel's channel vector by one matrix (dilation does not matter)."""
+    return ((kh, kw) == (1, 1) and tuple(stride) == (1, 1)
+            and tuple(map(tuple, padding)) == ((0, 0), (0, 0)) and groups == 1)
+
+
+def _matmul_forward(xp, x, w, bias, layout):
+    n, c_in, h, width = _args.spatial_shape(x.shape, layout)
+    c_out = _weight_dims(w.shape, layout)[3]
+    if layout == "NHWC":
+        y = xp.matmul(x.reshape(n * h * width, c_in), w.reshape(c_in, c_out))
+        y = y.reshape(n, h, width, c_out)
+    else:
+        y = xp.matmul(w.reshape(c_out, c_in), x.reshape(n, c_in, h * width))
+        y = y.reshape(n, c_out, h, width)
+    if bias is not None:
+        y += bias if layout == "NHWC" else bias.reshape(c_out, 1, 1)
+    return y
+
+
+def _matmul_input_grad(xp, w, grad_out, layout):
+    n, c_out, h, width = _args.spatial_shape(grad_out.shape, layout)
+    c_in = _weight_dims(w.shape, layout)[2]
+    if layout == "NHWC":
+        grad_x = xp.matmul(grad_out.reshape(n * h * width, c_out),
+                           w.reshape(c_in, c_out).T)
+        return grad_x.reshape(n, h, width, c_in)
+    grad_x = xp.matmul(w.reshape(c_out, c_in).T,
+                       grad_out.reshape(n, c_out, h * width))
+    return grad_x.reshape(n, c_in, h, width)
+
+
+def _matmul_weight_grad(xp, x, grad_out, layout):
+    n, c_in, h, width = _args.spatial_shape(x.shape, layout)
+    c_out = _args.spatial_shape(grad_out.shape, layout)[1]
+    if layout == "NHWC":
+        grad_w = xp.matmul(x.reshape(n * h * width, c_in).T,
+                           grad_out.reshape(n * h * width, c_out))
+        return grad_w.reshape(1, 1, c_in, c_out)
+    # One product over (n, pixel) pairs, not N products summed afterwards.
+    grad_w = xp.tensordot(grad_out.reshape(n, c_out, h * width),
+                          x.reshape(n, c_in, h * width), axes=((0, 2), (0, 2)))
+    return grad_w.reshape(c_out, c_in, 1, 1)
+
+
+# ---- helpers -----------------------------------------------------------------
+
+def _weight_dims(shape, layout):
+    """``(kh, kw, C_in/groups, C_out)`` of a weight shape in ``layout``."""
+    if layout == "NHWC":
+        kh, kw, cin_g, c_out = shape
+    else:
+        c_out, cin_g, kh, kw = shape
+    return kh, kw, cin_g, c_out
+
+
+def _activation_shape(n, c, h, w, layout):
+    return (n, h, w, c) if layout == "NHWC" else (n, c, h, w)
+
+
+def _type_name(dtype):
+    return _kernels.FLOAT_TYPES[numpy.dtype(dtype).name]
+
+
+def _addressable(xp, a):
+    """``a``, or a contiguous copy if a stride is not a whole number of
+    elements (the kernels take strides in elements)."""
+    if any(s % a.itemsize for s in a.strides):
+        return xp.ascontiguousarray(a)
+    return a
+
+
+def _strides(a, axes):
+    """Element strides of ``a`` along ``axes``, as kernel arguments."""
+    return tuple(numpy.int64(a.strides[axis] // a.itemsize) for axis in axes)
+
+
+def _rows_fastest(row_step, k_step):
+    """Whether a GEMM operand's tile loads should walk its rows (memory step
+    ``row_step``) rather than its reduction index (step ``k_step``): whichever
+    is closer to contiguous coalesces better."""
+    return int(abs(int(row_step)) < abs(int(k_step)))
+
+
+def _geometry(n, h, w, oh, ow, kh, kw, cin_g, cout_g, groups, stride, padding,
+              dilation):
+    """The 16 leading kernel arguments (CONV2D_GEOMETRY_PARAMS in conv2d.cu)."""
+    (top, _), (left, _) = padding
+    return tuple(numpy.int64(v) for v in (
+        n, h, w, oh, ow, kh, kw, cin_g, cout_g, groups,
+        stride[0], stride[1], top, left, dilation[0], dilation[1]))
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _weight_grad_splits(taps, cout_g, groups, pixels):
+    """``(splits, split_len)``: how the weight gradient's reduction over
+    ``pixels`` output pixels is cut; ``split_len`` is a multiple of the slice."""
+    slices = max(1, _cdiv(pixels, _SLICE))
+    blocks = _cdiv(taps, _TILE) * _cdiv(cout_g, _TILE) * groups
+    splits = max(1, min(_MAX_SPLITS, _cdiv(slices, _MIN_SPLIT_SLICES),
+                        _cdiv(_TARGET_BLOCKS, blocks)))
+    split_slices = _cdiv(slices, splits)
+    return _cdiv(slices, split_slices), split_slices * _SLICE
+
+
+def _launch_gemm(kernel, dtype, rows, cols, groups, splits, args):
+    """Launch one of the implicit-GEMM kernels over a ``rows x cols`` product
+    per group and split, as a 1-D grid of 64 x 64 tiles."""
+    blocks = _cdiv(rows, _TILE) * _cdiv(cols, _TILE) * groups * splits
+    if blocks > _MAX_BLOCKS:
+        raise ValueError(
+            f"conv2d: this problem needs {blocks} thread blocks, more than the "
+            f"{_MAX_BLOCKS} one CUDA launch allows; split the batch into parts"
+        )
+    function = _kernels.get_function("conv2d", f"{kernel}<{_type_name(dtype)}>")
+    function((blocks,), (_THREADS,), args)

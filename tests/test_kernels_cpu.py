@@ -1,0 +1,207 @@
+"""cuda/dilate.cu through the CPU executor, bit for bit against the NumPy path.
+
+Also home of two suite-wide checks: every kernel in cuda/*.cu is launched by
+some CPU-executed test (run last), and the CPU-executed tests pass again
+under AddressSanitizer + UndefinedBehaviorSanitizer with the threads of each
+block run in reverse order.
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cupyconv as cc
+import cpu_cuda
+from cupyconv import _kernels
+
+from conftest import FULL_SUITE, TESTS_DIR
+
+# One dtype per copy instantiation (item size 1, 2, 4, 8, 16) and a few more.
+COPY_DTYPES = [np.bool_, np.int8, np.float16, np.int16, np.float32, np.int32,
+               np.float64, np.int64, np.complex64, np.complex128]
+
+
+def random_array(shape, dtype, seed=0):
+    """Arbitrary bit patterns (NaN payloads included): a copy must keep them."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return rng.integers(0, 2, shape).astype(bool)
+    raw = rng.integers(0, 256, (*shape, dtype.itemsize), dtype=np.uint8)
+    return raw.view(dtype).reshape(shape)
+
+
+def numpy_path(function, *args, **kwargs):
+    """``function`` computed by the NumPy code path, not the kernels."""
+    with cpu_cuda.numpy_path():
+        return function(*args, **kwargs)
+
+
+def assert_same_bits(got, expected):
+    assert type(got) is type(expected)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    assert got.flags.c_contiguous
+    np.testing.assert_array_equal(np.frombuffer(got.tobytes(), np.uint8),
+                                  np.frombuffer(expected.tobytes(), np.uint8))
+
+
+# (input view, axes, dilation, shape or None): sizes not multiples of the
+# 256-thread block, length-1 and length-0 axes, views of every layout.
+def _cases():
+    base = np.arange(6 * 7 * 5).reshape(6, 7, 5)
+    return {
+        "1d-odd": (lambda a: a[:, 0, 0], 0, 2, None),
+        "2d-both-axes": (lambda a: a[:5, :7, 0], (0, 1), (1, 3), None),
+        "3d-last-axis": (lambda a: a, -1, 4, None),
+        "single-element-dims": (lambda a: a[:1, :1, :3], (0, 1, 2), (2, 0, 1), None),
+        "zero-dilation": (lambda a: a[:3, :4, 1], (0, 1), 0, None),
+        "transposed": (lambda a: a[:, :, 2].T, (0, 1), (2, 1), None),
+        "reversed": (lambda a: a[::-1, ::-1, 0], 1, 3, None),
+        "strided": (lambda a: a[::2, 1::3, ::2], (0, 2), (1, 2), None),
+        "negative-strided-3d": (lambda a: a[::-2, :, ::-1].transpose(2, 0, 1), (1, 2), (3, 1), None),
+        "large-dilation": (lambda a: a[:3, 0, 0], 0, 1000, None),
+        "explicit-shape": (lambda a: a[:4, :3, 0], (0, 1), (1, 2), (9, 10)),
+        "minimal-shape": (lambda a: a[:4, :3, 0], (0, 1), (1, 2), (7, 7)),
+        "zero-length-axis": (lambda a: a[:0, :4, 0], (0, 1), (1, 1), None),
+        "zero-length-other-axis": (lambda a: a[:3, :0, 0], 0, 2, None),
+    }, base
+
+
+CASES, BASE_SHAPE = _cases()
+
+
+@pytest.mark.parametrize("dtype", COPY_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_dilate_matches_numpy_path(cpu_kernels, case, dtype):
+    select, axes, dilation, shape = CASES[case]
+    a = select(random_array(BASE_SHAPE.shape, dtype, seed=len(case)))
+    expected = numpy_path(cc.dilate, a, axes, dilation, shape=shape)
+    assert_same_bits(cc.dilate(a, axes, dilation, shape=shape), expected)
+
+
+@pytest.mark.parametrize("dtype", COPY_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_undilate_matches_numpy_path(cpu_kernels, case, dtype):
+    select, axes, dilation, _ = CASES[case]
+    a = select(random_array(BASE_SHAPE.shape, dtype, seed=len(case)))
+    expected = numpy_path(cc.undilate, a, axes, dilation)
+    assert_same_bits(cc.undilate(a, axes, dilation), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.complex128], ids=lambda d: np.dtype(d).name)
+def test_dilate_zero_dimensional(cpu_kernels, dtype):
+    a = random_array((), dtype)
+    assert_same_bits(cc.dilate(a, (), ()), numpy_path(cc.dilate, a, (), ()))
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.complex128], ids=lambda d: np.dtype(d).name)
+def test_undilate_zero_dimensional(cpu_kernels, dtype):
+    a = random_array((), dtype)
+    expected = numpy_path(cc.undilate, a, (), ())
+    assert isinstance(expected, np.ndarray)
+    assert_same_bits(cc.undilate(a, (), ()), expected)
+
+
+def test_roundtrip_through_kernels(cpu_kernels):
+    a = random_array((17, 3, 9), np.float32, seed=3)
+    d = cc.dilate(a[:, ::-1], (0, 2), (2, 5))
+    assert_same_bits(cc.undilate(d, (0, 2), (2, 5)), np.ascontiguousarray(a[:, ::-1]))
+
+
+def test_grid_stride_loop(cpu_kernels):
+    # More elements than grid_for's 8192 blocks x 256 threads: each thread
+    # handles two or more elements through the kernel's grid-stride loop.
+    a = random_array((1100, 1000), np.uint8, seed=5)
+    assert a.size * 2 > 8192 * 256
+    got = cc.dilate(a, 1, 1)
+    assert_same_bits(got, numpy_path(cc.dilate, a, 1, 1))
+
+
+# ------------------------------------------------------------ suite-wide
+
+#: Kernels that only make sense on hardware (tensor-core mma/wmma), by
+#: name, with the reason; the coverage test does not require them.
+HARDWARE_ONLY = {}
+
+_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+_GLOBAL = re.compile(r"__global__\b[^;{(]*?\b([A-Za-z_]\w*)\s*\(")
+
+
+def global_kernels():
+    """{file name: names of the __global__ functions it defines}."""
+    kernels = {}
+    for path in sorted(_kernels.cuda_source_dir().glob("*.cu")):
+        text = re.sub(r"__launch_bounds__\s*\([^)]*\)", "", _COMMENT.sub("", path.read_text()))
+        kernels[path.name] = set(_GLOBAL.findall(text))
+    return kernels
+
+
+def kernel_name(expression):
+    """``ns::kernel<float, 3>`` -> ``kernel``."""
+    return expression.split("<", 1)[0].split("::")[-1].strip()
+
+
+def test_global_kernels_are_found():
+    assert "dilate_gather" in global_kernels()["dilate.cu"]
+
+
+def never_launched(launched):
+    """Name expressions and __global__ kernels not among ``launched``
+    ({(file name, name expression)}), as readable lines."""
+    missing = [f"{family}.cu: {expression}"
+               for family, expressions in _kernels.FAMILIES.items()
+               for expression in expressions
+               if (f"{family}.cu", expression) not in launched
+               and kernel_name(expression) not in HARDWARE_ONLY]
+    launched_names = {(file, kernel_name(expression)) for file, expression in launched}
+    missing += [f"{file}: __global__ {name} (no name expression launches it)"
+                for file, names in global_kernels().items() for name in sorted(names)
+                if (file, name) not in launched_names and name not in HARDWARE_ONLY]
+    return missing
+
+
+def test_coverage_check_reports_what_was_not_launched():
+    missing = never_launched({("dilate.cu", "dilate_gather<unsigned char>")})
+    assert "dilate.cu: dilate_gather<unsigned short>" in missing
+    assert "dilate.cu: dilate_gather<unsigned char>" not in missing
+    assert not any("__global__ dilate_gather" in line for line in missing)
+    assert "dilate.cu: __global__ dilate_gather (no name expression launches it)" in (
+        never_launched(set()))
+
+
+@pytest.mark.run_last
+def test_every_kernel_was_launched_on_the_cpu(request):
+    if not request.config.stash[FULL_SUITE]:
+        pytest.skip("kernel coverage needs the whole test suite in this session "
+                    "(some test files were not collected or tests were deselected)")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        pytest.skip("kernel coverage needs all tests in one process (not pytest-xdist)")
+    missing = never_launched(set(cpu_cuda.LAUNCHED))
+    assert not missing, ("never launched by a CPU-executed test (use the cpu_kernels "
+                         "fixture):\n  " + "\n  ".join(missing))
+
+
+@pytest.mark.skipif(os.environ.get(cpu_cuda.SANITIZE_ENV) == "1",
+                    reason="this is the sanitized run")
+def test_cpu_kernel_tests_pass_under_sanitizers():
+    """Re-run every ``cpu_kernels`` test with ASan + UBSan and the threads of
+    each block in reverse order, shared memory poisoned with 0xFF (NaN)."""
+    if cpu_cuda.compiler_unavailable_reason() is not None:
+        pytest.skip(cpu_cuda.compiler_unavailable_reason())
+    env = cpu_cuda.sanitizer_environment()
+    env[cpu_cuda.SCHEDULE_ENV] = "reverse"
+    env[cpu_cuda.SHARED_POISON_ENV] = "0xFF"
+    package_root = str(pathlib.Path(cc.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "cpu_kernels",
+               "-p", "no:cacheprovider", str(TESTS_DIR)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True,
+                            cwd=package_root, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-8000:]}"
+    assert re.search(r"\d+ passed", result.stdout), output[-8000:]
