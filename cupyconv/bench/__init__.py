@@ -1,0 +1,57 @@
+"""Benchmarks: ``python -m cupyconv.bench`` times every cupyconv op against
+what a user would otherwise write, on the same inputs, in one run.
+
+Peers
+-----
+GPU (when :func:`cupyconv.gpu_available`): PyTorch with cuDNN, TF32 off and,
+for float32 convolutions, TF32 on (``cudnn.benchmark`` autotuning on in
+both); and the plain-CuPy way: ``zeros`` plus a strided assignment for
+dilate, a strided view copied for undilate, an im2col sliding-window view
+plus ``cupy.matmul`` for conv2d (col2im by strided adds for the gradients),
+reshape plus ``max`` for the 2x1 pool.
+
+CPU: cupyconv's NumPy path against PyTorch CPU, the same plain-NumPy code as
+above, and a naive loop (positions for dilate/undilate, windows for the pool,
+kernel taps at stride 1 then subsampled for conv2d, as the seed project did).
+PyTorch runs in both NCHW and channels_last memory formats (layout
+conversion is not timed) and tables show the faster.
+
+Timing method
+-------------
+* Inputs are made once per case (NHWC activations, HWIO weights, float32,
+  normal random values) and converted to each library's layout outside the
+  timed region.  Enough copies are cycled (2 to 4, together at least twice
+  the last-level cache: GPU L2, CPU L3) that no call starts on inputs the
+  previous call left in cache.
+* Every implementation runs once untimed and its outputs are compared with
+  the first implementation's (cupyconv's): the maximum relative difference
+  is recorded, so a peer computing something else cannot go unnoticed.
+* GPU: three warm-up calls (kernel compilation, cuDNN autotuning, memory-pool
+  growth), then N calls each bracketed by its own CUDA events (CuPy's or
+  PyTorch's, on the stream the library uses) with no host synchronisation in
+  between; the reported time is the median interval.  N is sized from a
+  warm-up call to fill about 0.3 s (10 to 200 calls) unless ``--repeats``.
+* CPU: ``time.perf_counter`` around each call after one warm-up call; the
+  median of N calls, N sized to fill about 0.7 s (3 to 25) unless
+  ``--repeats``.  Peak memory is ``tracemalloc``'s peak over one further call
+  (NumPy registers its buffers with tracemalloc; PyTorch's are invisible).
+* References, measured in the same run: device-to-device copy bandwidth
+  (1 GiB ``cudaMemcpy``; NumPy ``copyto`` of 64 MiB on the CPU), counted as
+  read + write bytes, and the float32 matmul rate on an 8192x8192 (CPU:
+  2048x2048) square product.  Memory-bound ops report GB/s of compulsory
+  traffic (each input element read once, each output element written once)
+  as a share of the copy bandwidth; convolutions report FLOP/s
+  (``2*N*Ho*Wo*C_out*kh*kw*C_in``, three times that with both gradients) as
+  a share of the matmul rate.
+* ``OMP_WAIT_POLICY=PASSIVE`` is set (unless already set) before PyTorch
+  is imported: PyTorch's OpenMP workers otherwise spin between calls and,
+  on a machine with few cores, starve the BLAS threads NumPy uses in the
+  same process, so that calls wait for scheduler ticks.
+* The ratio in every table is cupyconv's median time divided by the peer's
+  best median: above 1 means cupyconv is slower, and the report lists every
+  such case.
+"""
+
+from .run import SCHEMA, run
+
+__all__ = ["SCHEMA", "run"]

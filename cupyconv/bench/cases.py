@@ -1,0 +1,444 @@
+"""The benchmark cases: which op, on which shapes, against which peers.
+
+A :class:`Case` makes its inputs (NHWC activations, HWIO weights) with the
+array module of its device; each :class:`Impl` turns those canonical inputs
+into what its library wants (outside the timed region), runs the op, and
+turns its outputs back into canonical arrays so the runner can check that
+every implementation computes the same thing.
+"""
+
+import contextlib
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import numpy
+
+import cupyconv
+
+from . import peers
+
+__all__ = ["Case", "Impl", "PEER_LABELS", "OPS", "build_cases", "import_torch"]
+
+#: Peer key -> column heading, per device.
+PEER_LABELS = {
+    "cpu": {
+        "cupyconv": "cupyconv (NumPy path)",
+        "torch": "PyTorch CPU",
+        "plain": "plain NumPy",
+        "loop": "naive loop",
+    },
+    "gpu": {
+        "cupyconv": "cupyconv (CUDA kernels)",
+        "torch": "PyTorch cuDNN, TF32 off",
+        "torch-tf32": "PyTorch cuDNN, TF32 on",
+        "plain": "plain CuPy",
+    },
+}
+
+#: Names accepted by ``--ops``.
+OPS = ("dilate", "undilate", "max_pool2d", "conv2d")
+
+
+@dataclasses.dataclass
+class Impl:
+    """One way of computing a case.  ``peer`` groups variants (the best
+    ``detail`` of a peer is what tables show)."""
+
+    peer: str
+    prepare: Callable  # canonical input dict -> state passed to run
+    run: Callable  # state -> outputs
+    to_canonical: Callable  # outputs -> tuple of canonical arrays
+    detail: str = ""
+    clock: str = "cupy"  # GPU event source: "cupy" or "torch"
+    traced: bool = True  # tracemalloc sees its allocations
+    context: Callable = contextlib.nullcontext
+
+
+@dataclasses.dataclass
+class Case:
+    key: str
+    op: str
+    group: str  # "memory", "seed", "resnet", "sweep"
+    device: str  # "cpu" or "gpu"
+    title: str
+    dtype: str
+    shapes: dict
+    params: dict
+    make_inputs: Callable  # (xp, seed) -> dict of canonical arrays
+    impls: list
+    bytes: Optional[int] = None
+    flops: Optional[int] = None
+    note: str = ""
+
+    @property
+    def bound(self):
+        return "compute" if self.flops else "memory"
+
+    @property
+    def input_bytes(self):
+        itemsize = numpy.dtype(self.dtype).itemsize
+        return sum(math.prod(s) for s in self.shapes.values()) * itemsize
+
+
+def import_torch(device):
+    """``(torch, None)`` when PyTorch can run on ``device``, else ``(None, why)``."""
+    try:
+        import torch
+    except ImportError as exc:
+        return None, f"PyTorch is not installed ({exc})"
+    if device == "gpu" and not torch.cuda.is_available():
+        return None, "PyTorch has no CUDA device (CPU-only build or no driver)"
+    return torch, None
+
+
+def _random(xp, shape, dtype, seed):
+    if xp is numpy:
+        return numpy.random.default_rng(seed).standard_normal(shape, dtype=dtype)
+    return xp.random.RandomState(seed).standard_normal(shape, dtype=dtype)
+
+
+def _inputs(shapes, dtype):
+    def make(xp, seed):
+        return {name: _random(xp, shape, dtype, 1000 * seed + k)
+                for k, (name, shape) in enumerate(shapes.items())}
+    return make
+
+
+def _identity(outputs):
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+# --- PyTorch adapters ---------------------------------------------------
+
+def _torch_layouts(torch):
+    """``(detail, memory_format)`` pairs PyTorch may run NCHW ops in."""
+    return (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last))
+
+
+def _to_torch(torch, a, kind, memory_format, grad=False):
+    """Canonical array -> tensor: ``kind`` "act" (NHWC -> NCHW), "weight"
+    (HWIO -> OIHW) or "raw" (as is).  Shares memory where the layout allows."""
+    t = torch.from_dlpack(a)
+    if kind == "act":
+        t = t.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+    elif kind == "weight":
+        t = t.permute(3, 2, 0, 1).contiguous(memory_format=memory_format)
+    return t.detach().requires_grad_(True) if grad else t
+
+
+def _from_torch(xp, t, kind):
+    t = t.detach()
+    if kind == "act":
+        t = t.permute(0, 2, 3, 1)
+    elif kind == "weight":
+        t = t.permute(2, 3, 1, 0)
+    return xp.from_dlpack(t.contiguous())
+
+
+def _torch_context(torch, device, tf32):
+    """cuDNN autotuning on (``benchmark=True``), TF32 as asked, restored after."""
+    if device != "gpu":
+        return contextlib.nullcontext
+
+    # PyTorch >= 2.9 sets TF32 per backend through ``fp32_precision`` and
+    # raises if it is mixed with the legacy ``allow_tf32`` flags: use one.
+    if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision"):
+        precision = "tf32" if tf32 else "ieee"
+        settings = [(torch.backends.cudnn.conv, "fp32_precision", precision),
+                    (torch.backends.cuda.matmul, "fp32_precision", precision)]
+    else:
+        settings = [(torch.backends.cudnn, "allow_tf32", tf32),
+                    (torch.backends.cuda.matmul, "allow_tf32", tf32)]
+    settings.append((torch.backends.cudnn, "benchmark", True))
+
+    @contextlib.contextmanager
+    def context():
+        saved = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
+        try:
+            for owner, name, value in settings:
+                setattr(owner, name, value)
+            yield
+        finally:
+            for owner, name, value in saved:
+                setattr(owner, name, value)
+    return context
+
+
+def _torch_impls(torch, device, xp, kinds, run, out_kinds, layouts=True, tf32=False):
+    """PyTorch variants of one op: every layout (NCHW, channels_last), and on
+    the GPU with TF32 off and (if ``tf32``) on.  ``kinds`` maps input names
+    to "act"/"weight"/"raw"; grads are requested for names in ``run.grads``."""
+    if torch is None:
+        return []
+    grads = getattr(run, "grads", ())
+    impls = []
+    layout_list = _torch_layouts(torch) if layouts else (("", torch.contiguous_format),)
+    tf32_modes = (False, True) if (tf32 and device == "gpu") else (False,)
+    for tf32_on in tf32_modes:
+        for detail, fmt in layout_list:
+            def prepare(inputs, fmt=fmt):
+                return {name: _to_torch(torch, a, kinds[name], fmt, name in grads)
+                        for name, a in inputs.items()}
+
+            def canonical(outputs):
+                return tuple(_from_torch(xp, t, k) for t, k in zip(_identity(outputs), out_kinds))
+
+            impls.append(Impl(
+                peer="torch-tf32" if tf32_on else "torch",
+                prepare=prepare, run=run, to_canonical=canonical, detail=detail,
+                clock="torch" if device == "gpu" else "cupy", traced=False,
+                context=_torch_context(torch, device, tf32_on),
+            ))
+    return impls
+
+
+def _direct(peer, run, detail=""):
+    """An implementation that takes the canonical arrays as they are."""
+    return Impl(peer=peer, prepare=lambda inputs: inputs, run=run,
+                to_canonical=_identity, detail=detail)
+
+
+# --- cases ----------------------------------------------------------------
+
+def _mb(nbytes):
+    return f"{nbytes / 1e6:.0f} MB"
+
+
+def dilation_cases(device, xp, torch, shape, dtype="float32"):
+    axes, dilation = (1, 2), (1, 1)
+    itemsize = numpy.dtype(dtype).itemsize
+    in_bytes = math.prod(shape) * itemsize
+    out_dilated = in_bytes * 4
+    cases = []
+
+    def torch_dilate(s):
+        x = s["x"]
+        out = torch.zeros((x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3]),
+                          dtype=x.dtype, device=x.device)
+        out[:, ::2, ::2] = x
+        return out
+
+    impls = [
+        _direct("cupyconv", lambda s: cupyconv.dilate(s["x"], axes, dilation)),
+        _direct("plain", lambda s: peers.plain_dilate(xp, s["x"], axes, dilation)),
+    ]
+    impls += _torch_impls(torch, device, xp, {"x": "raw"}, torch_dilate, ("raw",), layouts=False)
+    if device == "cpu":
+        impls.append(_direct("loop", lambda s: peers.loop_dilate(s["x"], axes, dilation),
+                             detail="loop over (h, w)"))
+    cases.append(Case(
+        key="dilate", op="dilate", group="memory", device=device,
+        title=f"dilate H,W by 1, {_mb(in_bytes)} in", dtype=dtype,
+        shapes={"x": shape}, params={"axes": axes, "dilation": dilation},
+        make_inputs=_inputs({"x": shape}, dtype), impls=impls,
+        bytes=in_bytes + out_dilated,
+        note="bytes = input read + dilated output written",
+    ))
+
+    def torch_undilate(s):
+        return s["x"][:, ::2, ::2].contiguous()
+
+    impls = [
+        _direct("cupyconv", lambda s: cupyconv.undilate(s["x"], axes, dilation)),
+        _direct("plain", lambda s: peers.plain_undilate(xp, s["x"], axes, dilation)),
+    ]
+    impls += _torch_impls(torch, device, xp, {"x": "raw"}, torch_undilate, ("raw",), layouts=False)
+    if device == "cpu":
+        impls.append(_direct("loop", lambda s: peers.loop_undilate(s["x"], axes, dilation),
+                             detail="loop over (h, w)"))
+    out_bytes = in_bytes // 4
+    cases.append(Case(
+        key="undilate", op="undilate", group="memory", device=device,
+        title=f"undilate H,W by 1, {_mb(in_bytes)} in", dtype=dtype,
+        shapes={"x": shape}, params={"axes": axes, "dilation": dilation},
+        make_inputs=_inputs({"x": shape}, dtype), impls=impls,
+        bytes=2 * out_bytes,
+        note="bytes = kept elements read + output written",
+    ))
+    return cases
+
+
+def pool_cases(device, xp, torch, shape, dtype="float32"):
+    kernel = stride = (2, 1)
+    n, h, w, c = shape
+    out_shape = (n, h // 2, w, c)
+    itemsize = numpy.dtype(dtype).itemsize
+    in_bytes = math.prod(shape) * itemsize
+    out_bytes = math.prod(out_shape) * itemsize
+    F = torch.nn.functional if torch is not None else None
+    cases = []
+
+    def torch_fwd(s):
+        return F.max_pool2d(s["x"], kernel, stride)
+
+    impls = [
+        _direct("cupyconv", lambda s: cupyconv.max_pool2d(s["x"], kernel, stride)),
+        _direct("plain", lambda s: peers.plain_pool(xp, s["x"], kernel), detail="reshape + max"),
+    ]
+    impls += _torch_impls(torch, device, xp, {"x": "act"}, torch_fwd, ("act",))
+    if device == "cpu":
+        impls.append(_direct("loop", lambda s: peers.loop_pool(s["x"], kernel, stride),
+                             detail="loop over windows"))
+    cases.append(Case(
+        key="pool2x1", op="max_pool2d", group="memory", device=device,
+        title=f"max_pool2d 2x1 forward, {_mb(in_bytes)} in", dtype=dtype,
+        shapes={"x": shape}, params={"kernel_size": kernel, "stride": stride},
+        make_inputs=_inputs({"x": shape}, dtype), impls=impls,
+        bytes=in_bytes + out_bytes, note="bytes = input read + output written",
+    ))
+
+    def cupyconv_both(s):
+        y = cupyconv.max_pool2d(s["x"], kernel, stride)
+        return y, cupyconv.max_pool2d_backward(s["g"], s["x"], kernel, stride=stride)
+
+    def plain_both(s):
+        y = peers.plain_pool(xp, s["x"], kernel)
+        return y, peers.plain_pool_backward(xp, s["g"], s["x"], kernel)
+
+    def loop_both(s):
+        y = peers.loop_pool(s["x"], kernel, stride)
+        return y, peers.loop_pool_backward(s["g"], s["x"], kernel, stride)
+
+    def torch_both(s):
+        y = F.max_pool2d(s["x"], kernel, stride)
+        (gx,) = torch.autograd.grad(y, (s["x"],), s["g"])
+        return y, gx
+    torch_both.grads = ("x",)
+
+    impls = [_direct("cupyconv", cupyconv_both),
+             _direct("plain", plain_both, detail="reshape + max, argmax mask")]
+    impls += _torch_impls(torch, device, xp, {"x": "act", "g": "act"}, torch_both,
+                          ("act", "act"))
+    if device == "cpu":
+        impls.append(_direct("loop", loop_both, detail="loop over windows"))
+    shapes = {"x": shape, "g": out_shape}
+    cases.append(Case(
+        key="pool2x1_fwd_bwd", op="max_pool2d", group="memory", device=device,
+        title=f"max_pool2d 2x1 forward+backward, {_mb(in_bytes)} in", dtype=dtype,
+        shapes=shapes, params={"kernel_size": kernel, "stride": stride},
+        make_inputs=_inputs(shapes, dtype), impls=impls,
+        bytes=3 * in_bytes + 2 * out_bytes,
+        note="bytes = forward (x, y) + backward (x, grad_y read, grad_x written)",
+    ))
+    return cases
+
+
+def conv_case(device, xp, torch, *, key, group, title, n, c_in, c_out, hw, kernel,
+              stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
+              backward=False, loop=True, plain=True, tf32=True, dtype="float32"):
+    """A conv2d case: forward, or forward + both gradients (``backward``)."""
+    (h, w), (kh, kw), (sh, sw), (dh, dw) = hw, kernel, stride, dilation
+    (pt, pb), (pl, pr) = padding
+    ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    shapes = {"x": (n, h, w, c_in), "w": (kh, kw, c_in, c_out)}
+    if backward:
+        shapes["g"] = (n, ho, wo, c_out)
+    args = dict(stride=stride, padding=padding, dilation=dilation)
+    flops = 2 * n * ho * wo * c_out * kh * kw * c_in * (3 if backward else 1)
+    itemsize = numpy.dtype(dtype).itemsize
+    nbytes = (n * h * w * c_in + kh * kw * c_in * c_out + n * ho * wo * c_out) * itemsize
+    F = torch.nn.functional if torch is not None else None
+    kinds = {"x": "act", "w": "weight", "g": "act"}
+
+    if backward:
+        def cupyconv_run(s):
+            x, wt, g = s["x"], s["w"], s["g"]
+            return (cupyconv.conv2d(x, wt, **args),
+                    cupyconv.conv2d_input(x.shape, wt, g, **args),
+                    cupyconv.conv2d_weight(x, wt.shape, g, **args))
+
+        def torch_run(s):
+            y = F.conv2d(s["x"], s["w"], None, stride, (pt, pl), dilation)
+            gx, gw = torch.autograd.grad(y, (s["x"], s["w"]), s["g"])
+            return y, gx, gw
+        torch_run.grads = ("x", "w")
+        out_kinds = ("act", "act", "weight")
+        plain_run = lambda s: peers.plain_conv_backward(xp, s["x"], s["w"], s["g"], **args)
+        loop_run = lambda s: peers.loop_conv_backward(s["x"], s["w"], s["g"], **args)
+        bytes_ = 3 * nbytes
+    else:
+        def cupyconv_run(s):
+            return cupyconv.conv2d(s["x"], s["w"], **args)
+
+        def torch_run(s):
+            return F.conv2d(s["x"], s["w"], None, stride, (pt, pl), dilation)
+        out_kinds = ("act",)
+        plain_run = lambda s: peers.plain_conv(xp, s["x"], s["w"], **args)
+        loop_run = lambda s: peers.loop_conv(s["x"], s["w"], **args)
+        bytes_ = nbytes
+
+    if pt != pb or pl != pr:
+        raise ValueError("PyTorch's conv2d takes symmetric padding only")
+    impls = [_direct("cupyconv", cupyconv_run)]
+    impls += _torch_impls(torch, device, xp, kinds, torch_run, out_kinds, tf32=tf32)
+    if plain:
+        impls.append(_direct("plain", plain_run, detail="im2col + matmul"))
+    if loop and device == "cpu":
+        impls.append(_direct("loop", loop_run, detail="per-tap matmul at stride 1"))
+    what = "forward+grads" if backward else "forward"
+    return Case(
+        key=f"{key}_{'fwd_bwd' if backward else 'fwd'}", op="conv2d", group=group,
+        device=device, title=f"conv2d {what}, {title}", dtype=dtype, shapes=shapes,
+        params={"kernel": kernel, **args}, make_inputs=_inputs(shapes, dtype),
+        impls=impls, flops=flops, bytes=bytes_,
+        note="flops = 2*N*Ho*Wo*C_out*kh*kw*C_in" + (", x3 with both gradients" if backward else ""),
+    )
+
+
+def _sizes(device, quick):
+    """Problem sizes per device; ``quick`` shrinks everything for smoke tests."""
+    if quick:
+        return dict(memory=(2, 16, 16, 4), seed_n=4, day20_n=1, resnet=(1, 8, 16),
+                    sweep=(1, 2))
+    if device == "gpu":
+        # 64*256*256*16 float32 = 256 MiB input for the memory-bound ops.
+        return dict(memory=(64, 256, 256, 16), seed_n=128, day20_n=128,
+                    resnet=(32, 64, 56), sweep=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+    return dict(memory=(16, 128, 128, 16), seed_n=128, day20_n=32, resnet=(8, 64, 56),
+                sweep=(1, 4, 16, 64, 256))
+
+
+def build_cases(device, ops=OPS, quick=False):
+    """Every case for ``device`` ("cpu" or "gpu") whose op is in ``ops``."""
+    xp = numpy
+    if device == "gpu":
+        import cupy as xp
+    torch, _ = import_torch(device)
+    size = _sizes(device, quick)
+    cases = []
+    if "dilate" in ops or "undilate" in ops:
+        cases += [c for c in dilation_cases(device, xp, torch, size["memory"]) if c.op in ops]
+    if "max_pool2d" in ops:
+        cases += pool_cases(device, xp, torch, size["memory"])
+    if "conv2d" in ops:
+        seed = dict(kernel=(5, 3), padding=((2, 2), (1, 1)))
+        n = size["seed_n"]
+        layers = [
+            dict(key="seed_l1", group="seed", title=f"seed L1 1->64, 32x15, N={n}",
+                 n=n, c_in=1, c_out=64, hw=(32, 15), **seed),
+            dict(key="seed_l2", group="seed", title=f"seed L2 64->128, 16x15, N={n}",
+                 n=n, c_in=64, c_out=128, hw=(16, 15), **seed),
+            dict(key="seed20_l1", group="seed",
+                 title=f"seed 20-day L1 1->64, 64x60, stride (3,1), dilation (2,1), "
+                       f"N={size['day20_n']}",
+                 n=size["day20_n"], c_in=1, c_out=64, hw=(64, 60), kernel=(5, 3),
+                 stride=(3, 1), padding=((12, 12), (1, 1)), dilation=(2, 1)),
+        ]
+        if quick:  # one layer per code path is enough to check the tool works
+            del layers[1]
+        rn, rc, rhw = size["resnet"]
+        layers.append(dict(key="resnet", group="resnet",
+                           title=f"ResNet 3x3 {rc}->{rc}, {rhw}x{rhw}, N={rn}",
+                           n=rn, c_in=rc, c_out=rc, hw=(rhw, rhw), kernel=(3, 3),
+                           padding=((1, 1), (1, 1))))
+        for layer in layers:
+            for backward in (False, True):
+                cases.append(conv_case(device, xp, torch, backward=backward, **layer))
+        for batch in size["sweep"]:
+            cases.append(conv_case(
+                device, xp, torch, key=f"sweep_n{batch}", group="sweep",
+                title=f"seed L2 64->128, 16x15, N={batch}", n=batch, c_in=64, c_out=128,
+                hw=(16, 15), loop=False, plain=False, tf32=False, **seed))
+    return cases

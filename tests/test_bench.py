@@ -1,0 +1,162 @@
+"""Smoke test of ``python -m cupyconv.bench`` (tiny sizes, no timing claims),
+its report generator, and its baseline implementations against PyTorch."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+import cupyconv
+from cupyconv.bench import SCHEMA, peers, report, run
+from cupyconv.bench.__main__ import main, parser
+from cupyconv.bench.cases import OPS
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--quick", "--cpu-only", "--repeats", "1", "--json", str(out / "bench.json"),
+            "--report", str(out / "docs" / "benchmarks.md")]
+    assert main(argv) == 0
+    result = json.loads((out / "bench.json").read_text())
+    return out, result
+
+
+def test_json_schema(quick_run):
+    _, result = quick_run
+    assert result["schema"] == SCHEMA
+    for key in ("created", "command", "settings", "machine", "versions", "references",
+                "skipped", "results", "wall_s"):
+        assert key in result, key
+    assert result["versions"]["numpy"] == np.__version__
+    assert result["versions"]["cupyconv"] == cupyconv.__version__
+    refs = result["references"]["cpu"]
+    assert refs["copy_gbps"] > 0 and refs["matmul_tflops"]["float32"] > 0
+    assert {r["op"] for r in result["results"]} == set(OPS)
+    assert {r["group"] for r in result["results"]} == {"memory", "seed", "resnet", "sweep"}
+    tol = result["settings"]["agreement_tolerance"]
+    for record in result["results"]:
+        assert record["device"] == "cpu"
+        assert record["bytes"] or record["flops"]
+        peers_seen = {row["peer"] for row in record["timings"]}
+        assert "cupyconv" in peers_seen
+        for row in record["timings"]:
+            assert "error" not in row, (record["title"], row)
+            assert row["repeats"] == 1 and len(row["times_s"]) == 1
+            assert row["median_s"] > 0
+            assert row["max_rel_diff"] <= tol, (record["title"], row)
+            if row["peer"] != "torch":
+                assert row["peak_bytes"] > 0
+        for peer, entry in record["summary"].items():
+            assert peer == "cupyconv" or entry["ratio"] > 0
+
+
+def test_gpu_part_runs_or_says_why_not():
+    result = run(devices=("gpu",), ops=("dilate",), quick=True, repeats=1, log=lambda line: None)
+    if cupyconv.gpu_available():
+        assert result["skipped"] == [] or result["skipped"][0]["part"] == "gpu PyTorch peer"
+        assert all("error" not in row for r in result["results"] for row in r["timings"])
+    else:
+        assert result["results"] == []
+        assert result["skipped"] == [{"part": "gpu", "reason": cupyconv.gpu_unavailable_reason()}]
+        result["wall_s"] = 0.0
+        assert cupyconv.gpu_unavailable_reason() in report.markdown(result)
+
+
+def test_markdown_report(quick_run):
+    out, result = quick_run
+    text = (out / "docs" / "benchmarks.md").read_text()
+    for heading in ("# Benchmarks", "## Machine and versions", "## CPU results",
+                    "## Where cupyconv is slower", "## Plot", "## Method"):
+        assert heading in text
+    assert result["machine"]["cpu_model"] in text
+    for record in result["results"]:
+        if record["group"] != "sweep":
+            assert record["title"] in text
+    plot = out / "docs" / "_static" / "benchmark_ratios.png"
+    if result["versions"]["matplotlib"]:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "](_static/benchmark_ratios.png)" in text
+    else:
+        assert "matplotlib is not installed" in text
+
+
+def test_slower_section_is_generated_from_the_data(quick_run):
+    result = copy.deepcopy(quick_run[1])
+    record = result["results"][0]
+    record["summary"] = {"cupyconv": {"median_s": 0.003, "detail": ""},
+                         "torch": {"median_s": 0.001, "detail": "NCHW", "ratio": 3.0}}
+    result["results"] = [record]
+    text = report.markdown(result, None, "no plot")
+    assert f"{record['title']}: cupyconv takes **3.00x** the time of PyTorch CPU (NCHW)" in text
+    record["summary"]["torch"].update(median_s=0.006, ratio=0.5)
+    assert "at least as fast as every peer" in report.markdown(result, None, "no plot")
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--cpu-only", "--gpu-only", "--quick", "--repeats", "--ops", "--json",
+                   "--report", "--plot", "--no-plot"):
+        assert option in text
+
+
+def test_unknown_op_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--ops", "conv3d"])
+    assert "conv3d" in capsys.readouterr().err
+
+
+CONV_SETTINGS = [
+    dict(stride=(1, 1), padding=((2, 2), (1, 1)), dilation=(1, 1)),
+    dict(stride=(3, 1), padding=((3, 3), (1, 1)), dilation=(2, 1)),
+    dict(stride=(2, 2), padding=((0, 0), (0, 0)), dilation=(1, 2)),
+]
+
+
+@pytest.mark.parametrize("args", CONV_SETTINGS)
+def test_conv_baselines_match_torch(args):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 13, 9, 3))
+    w = rng.standard_normal((5, 3, 3, 4))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    wt = torch.from_numpy(w).permute(3, 2, 0, 1).requires_grad_(True)
+    (pt, _), (pl, _) = args["padding"]
+    yt = torch.nn.functional.conv2d(xt, wt, None, args["stride"], (pt, pl), args["dilation"])
+    g = rng.standard_normal(yt.shape).transpose(0, 2, 3, 1).copy()
+    gx, gw = torch.autograd.grad(yt, (xt, wt), torch.from_numpy(g).permute(0, 3, 1, 2))
+    expected = (yt.detach().permute(0, 2, 3, 1).numpy(), gx.permute(0, 2, 3, 1).numpy(),
+                gw.permute(2, 3, 1, 0).numpy())
+    np.testing.assert_allclose(peers.plain_conv(np, x, w, **args), expected[0], atol=1e-10)
+    np.testing.assert_allclose(peers.loop_conv(x, w, **args), expected[0], atol=1e-10)
+    for got in (peers.plain_conv_backward(np, x, w, g, **args),
+                peers.loop_conv_backward(x, w, g, **args)):
+        for a, b in zip(got, expected):
+            np.testing.assert_allclose(a, b, atol=1e-10)
+
+
+def test_pool_and_dilation_baselines():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 8, 5, 3))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    yt = torch.nn.functional.max_pool2d(xt, (2, 1), (2, 1))
+    g = rng.standard_normal(yt.shape).transpose(0, 2, 3, 1).copy()
+    (gx,) = torch.autograd.grad(yt, (xt,), torch.from_numpy(g).permute(0, 3, 1, 2))
+    y_ref, gx_ref = yt.detach().permute(0, 2, 3, 1).numpy(), gx.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(peers.plain_pool(np, x, (2, 1)), y_ref)
+    np.testing.assert_array_equal(peers.loop_pool(x, (2, 1), (2, 1)), y_ref)
+    np.testing.assert_array_equal(peers.plain_pool_backward(np, g, x, (2, 1)), gx_ref)
+    np.testing.assert_array_equal(peers.loop_pool_backward(g, x, (2, 1), (2, 1)), gx_ref)
+
+    a = rng.standard_normal((3, 4, 5))
+    dilated = peers.plain_dilate(np, a, (0, 2), (1, 2))
+    assert dilated.shape == (6, 4, 15)
+    np.testing.assert_array_equal(dilated[::2, :, ::3], a)
+    assert np.count_nonzero(dilated) == a.size
+    np.testing.assert_array_equal(peers.loop_dilate(a, (0, 2), (1, 2)), dilated)
+    np.testing.assert_array_equal(peers.plain_undilate(np, dilated, (0, 2), (1, 2)), a)
+    np.testing.assert_array_equal(peers.loop_undilate(dilated, (0, 2), (1, 2)), a)
