@@ -175,7 +175,7 @@ def test_blocking(monkeypatch, block_elements, layout):
     monkeypatch.setattr(convolution, "_BLOCK_ELEMENTS", block_elements)
     assert len(list(convolution._blocks(cc._args.conv2d_geometry(
         xl.shape, wl.shape, case.stride, case.padding, case.dilation,
-        case.groups, layout)))) > 1
+        case.groups, layout), np.float64))) > 1
     blocked = (cc.conv2d(xl, wl, bias, **kwargs),
                cc.conv2d_input(xl.shape, wl, gl, **kwargs),
                cc.conv2d_weight(xl, wl.shape, gl, **kwargs))
