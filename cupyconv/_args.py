@@ -99,6 +99,12 @@ def spatial_shape(shape, layout):
     return n, c, h, w
 
 
+def activation_shape(n, c, hw, layout):
+    """Shape of ``n`` images of ``c`` channels and size ``hw`` in ``layout``."""
+    h, w = hw
+    return (n, h, w, c) if layout == "NHWC" else (n, c, h, w)
+
+
 def common_float_dtype(**arrays):
     """The one floating dtype (float16/32/64) shared by every non-None array."""
     dtypes = {name: a.dtype for name, a in arrays.items() if a is not None}
@@ -248,8 +254,21 @@ class ConvGeometry(typing.NamedTuple):
     @property
     def out_shape(self):
         """Shape of the convolution's output in ``layout``."""
-        n, c, (oh, ow) = self.batch, self.out_channels, self.out_hw
-        return (n, oh, ow, c) if self.layout == "NHWC" else (n, c, oh, ow)
+        return activation_shape(self.batch, self.out_channels, self.out_hw, self.layout)
+
+    @property
+    def in_shape(self):
+        """Shape of the convolution's input in ``layout``."""
+        return activation_shape(self.batch, self.in_channels, self.in_hw, self.layout)
+
+    @property
+    def weight_shape(self):
+        """Shape of the kernel: ``(kh, kw, C_in/groups, C_out)`` (NHWC) or
+        ``(C_out, C_in/groups, kh, kw)`` (NCHW)."""
+        (kh, kw), cin_g = self.kernel, self.in_channels // self.groups
+        if self.layout == "NHWC":
+            return (kh, kw, cin_g, self.out_channels)
+        return (self.out_channels, cin_g, kh, kw)
 
 
 def conv2d_geometry(x_shape, w_shape, stride, padding, dilation, groups, layout,

@@ -1,11 +1,11 @@
 """GPU launch code of conv2d and its two gradients (``cuda/conv2d.cu``).
 
-:mod:`cupyconv.convolution` calls these with validated, normalised
-arguments: ``stride`` and ``dilation`` are ``(h, w)`` pairs, ``padding`` is
-``((top, bottom), (left, right))``, ``layout`` is ``"NHWC"`` (x ``(N, H, W,
-C_in)``, w ``(kh, kw, C_in/groups, C_out)``) or ``"NCHW"`` (x ``(N, C_in, H,
-W)``, w ``(C_out, C_in/groups, kh, kw)``), and every array shares one float
-dtype.  Arrays are CuPy arrays, or NumPy arrays under the test suite's CPU
+:mod:`cupyconv.convolution` calls these with validated arrays of one float
+dtype and the convolution's :class:`cupyconv._args.ConvGeometry` (sizes,
+``(h, w)`` pairs, explicit padding ``((top, bottom), (left, right))`` and
+layout: ``"NHWC"`` with x ``(N, H, W, C_in)`` and w ``(kh, kw, C_in/groups,
+C_out)``, or ``"NCHW"`` with x ``(N, C_in, H, W)`` and w ``(C_out,
+C_in/groups, kh, kw)``).  Arrays are CuPy arrays, or NumPy arrays under the test suite's CPU
 executor; every function returns a new array of that dtype in ``layout``.
 
 The kernels address every tensor through element strides in semantic order,
@@ -16,9 +16,11 @@ and goes to ``xp.matmul`` (cuBLAS on the GPU; it accumulates float16 in
 float32, as NumPy does).
 """
 
+import math
+
 import numpy
 
-from . import _args, _backend, _kernels
+from . import _backend, _kernels
 
 # Must match conv2d.cu: a block computes a _TILE x _TILE tile of the GEMM
 # with _THREADS threads, reducing _SLICE at a time.
@@ -39,20 +41,17 @@ _ACTIVATION_AXES = {"NHWC": (0, 1, 2, 3), "NCHW": (0, 2, 3, 1)}
 _WEIGHT_AXES = {"NHWC": (0, 1, 2, 3), "NCHW": (2, 3, 1, 0)}
 
 
-def conv2d_forward(x, w, bias, stride, padding, dilation, groups, layout, out_hw):
+def conv2d_forward(x, w, bias, geom):
     """``y = conv2d(x, w) + bias`` as an array of shape ``(N, OH, OW, C_out)``
     (NHWC) or ``(N, C_out, OH, OW)`` (NCHW)."""
     xp = _backend.array_module_of(x)
-    n, c_in, h, width = _args.spatial_shape(x.shape, layout)
-    kh, kw, cin_g, c_out = _weight_dims(w.shape, layout)
-    if _is_matrix_product(kh, kw, stride, padding, groups):
-        return _matmul_forward(xp, x, w, bias, layout)
-    oh, ow = out_hw
-    y = xp.empty(_activation_shape(n, c_out, oh, ow, layout), dtype=x.dtype)
+    if _is_matrix_product(geom):
+        return _matmul_forward(xp, x, w, bias, geom)
+    y = xp.empty(geom.out_shape, dtype=x.dtype)
     if y.size == 0:
         return y
     x, w = _addressable(xp, x), _addressable(xp, w)
-    cout_g = c_out // groups
+    layout, stride = geom.layout, geom.stride
     xs = _strides(x, _ACTIVATION_AXES[layout])
     ws = _strides(w, _WEIGHT_AXES[layout])
     ys = _strides(y, _ACTIVATION_AXES[layout])
@@ -62,8 +61,6 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups, layout, out_hw
         bias_stride = bias.strides[0] // bias.itemsize
     else:
         bias, bias_stride = y, 0  # never read; any array of the dtype will do
-    geometry = _geometry(n, h, width, oh, ow, kh, kw, cin_g, cout_g, groups,
-                         stride, padding, dilation)
     flags = (
         int(has_bias),
         # A: rows are output pixels, k is (i, j, c_in) with c_in fastest.
@@ -73,31 +70,27 @@ def conv2d_forward(x, w, bias, stride, padding, dilation, groups, layout, out_hw
         _rows_fastest(ys[2], ys[3]),  # lanes along the output's pixels?
     )
     _launch_gemm(
-        "conv2d_forward_igemm", x.dtype, n * oh * ow, cout_g, groups, 1,
-        (x, w, bias, y) + geometry + xs + ws + ys + (numpy.int64(bias_stride),)
+        "conv2d_forward_igemm", x.dtype, geom.batch * math.prod(geom.out_hw),
+        _per_group(geom.out_channels, geom), geom.groups, 1,
+        (x, w, bias, y) + _geometry(geom) + xs + ws + ys + (numpy.int64(bias_stride),)
         + tuple(numpy.int32(f) for f in flags),
     )
     return y
 
 
-def conv2d_input_grad(w, grad_out, input_shape, stride, padding, dilation,
-                      groups, layout):
-    """Gradient of ``conv2d`` with respect to its input, of ``input_shape``."""
+def conv2d_input_grad(w, grad_out, geom):
+    """Gradient of ``conv2d`` with respect to its input, of ``geom.in_shape``."""
     xp = _backend.array_module_of(grad_out)
-    n, c_in, h, width = _args.spatial_shape(input_shape, layout)
-    _, c_out, oh, ow = _args.spatial_shape(grad_out.shape, layout)
-    kh, kw, cin_g, _ = _weight_dims(w.shape, layout)
-    if _is_matrix_product(kh, kw, stride, padding, groups):
-        return _matmul_input_grad(xp, w, grad_out, layout)
-    grad_x = xp.empty(tuple(input_shape), dtype=grad_out.dtype)
+    if _is_matrix_product(geom):
+        return _matmul_input_grad(xp, w, grad_out, geom)
+    grad_x = xp.empty(geom.in_shape, dtype=grad_out.dtype)
     if grad_x.size == 0:
         return grad_x
     w, grad_out = _addressable(xp, w), _addressable(xp, grad_out)
+    layout = geom.layout
     gos = _strides(grad_out, _ACTIVATION_AXES[layout])
     ws = _strides(w, _WEIGHT_AXES[layout])
     gxs = _strides(grad_x, _ACTIVATION_AXES[layout])
-    geometry = _geometry(n, h, width, oh, ow, kh, kw, cin_g, c_out // groups,
-                         groups, stride, padding, dilation)
     flags = (
         # A: rows are input pixels, k is (i, j, c_out) with c_out fastest.
         _rows_fastest(gos[2], gos[3]),
@@ -106,49 +99,47 @@ def conv2d_input_grad(w, grad_out, input_shape, stride, padding, dilation,
         _rows_fastest(gxs[2], gxs[3]),
     )
     _launch_gemm(
-        "conv2d_input_grad_igemm", w.dtype, n * h * width, cin_g, groups, 1,
-        (grad_out, w, grad_x) + geometry + gos + ws + gxs
+        "conv2d_input_grad_igemm", w.dtype, geom.batch * math.prod(geom.in_hw),
+        _per_group(geom.in_channels, geom), geom.groups, 1,
+        (grad_out, w, grad_x) + _geometry(geom) + gos + ws + gxs
         + tuple(numpy.int32(f) for f in flags),
     )
     return grad_x
 
 
-def conv2d_weight_grad(x, grad_out, weight_shape, stride, padding, dilation,
-                       groups, layout):
-    """Gradient of ``conv2d`` with respect to its weight, of ``weight_shape``.
+def conv2d_weight_grad(x, grad_out, geom):
+    """Gradient of ``conv2d`` with respect to its weight, of ``geom.weight_shape``.
 
     The reduction over the ``N*OH*OW`` output pixels is split into chunks of
     a size fixed by the shapes alone; ``conv2d_weight_grad_reduce`` adds the
     chunks' partial sums in order, so results are reproducible bit for bit.
     """
     xp = _backend.array_module_of(x)
-    n, _, h, width = _args.spatial_shape(x.shape, layout)
-    _, c_out, oh, ow = _args.spatial_shape(grad_out.shape, layout)
-    kh, kw, cin_g, _ = _weight_dims(weight_shape, layout)
-    if _is_matrix_product(kh, kw, stride, padding, groups):
-        return _matmul_weight_grad(xp, x, grad_out, layout)
-    grad_w = xp.empty(tuple(weight_shape), dtype=x.dtype)
+    if _is_matrix_product(geom):
+        return _matmul_weight_grad(xp, x, grad_out, geom)
+    grad_w = xp.empty(geom.weight_shape, dtype=x.dtype)
     if grad_w.size == 0:
         return grad_w
     x, grad_out = _addressable(xp, x), _addressable(xp, grad_out)
-    cout_g = c_out // groups
+    layout, groups, (kh, kw) = geom.layout, geom.groups, geom.kernel
+    cin_g = _per_group(geom.in_channels, geom)
+    cout_g = _per_group(geom.out_channels, geom)
     taps = kh * kw * cin_g
-    splits, split_len = _weight_grad_splits(taps, cout_g, groups, n * oh * ow)
+    splits, split_len = _weight_grad_splits(
+        taps, cout_g, groups, geom.batch * math.prod(geom.out_hw))
     acc_dtype = numpy.float64 if x.dtype == numpy.float64 else numpy.float32
     partial = xp.empty((splits, groups, taps, cout_g), dtype=acc_dtype)
     xs = _strides(x, _ACTIVATION_AXES[layout])
     gos = _strides(grad_out, _ACTIVATION_AXES[layout])
-    geometry = _geometry(n, h, width, oh, ow, kh, kw, cin_g, cout_g, groups,
-                         stride, padding, dilation)
     flags = (
         # A: rows are (i, j, c_in) with c_in fastest, k is output pixels.
-        _rows_fastest(xs[3], xs[2] * stride[1]),
+        _rows_fastest(xs[3], xs[2] * geom.stride[1]),
         # B: rows are output channels, k is output pixels.
         _rows_fastest(gos[3], gos[2]),
     )
     _launch_gemm(
         "conv2d_weight_grad_igemm", x.dtype, taps, cout_g, groups, splits,
-        (x, grad_out, partial) + geometry + xs + gos + (numpy.int64(split_len),)
+        (x, grad_out, partial) + _geometry(geom) + xs + gos + (numpy.int64(split_len),)
         + tuple(numpy.int32(f) for f in flags),
     )
     ws = _strides(grad_w, _WEIGHT_AXES[layout])
@@ -165,66 +156,55 @@ def conv2d_weight_grad(x, grad_out, weight_shape, stride, padding, dilation,
 
 # ---- matrix-product path ------------------------------------------------------
 
-def _is_matrix_product(kh, kw, stride, padding, groups):
+def _is_matrix_product(geom):
     """A 1x1 kernel at stride 1 without padding or groups multiplies every
     pixel's channel vector by one matrix (dilation does not matter)."""
-    return ((kh, kw) == (1, 1) and tuple(stride) == (1, 1)
-            and tuple(map(tuple, padding)) == ((0, 0), (0, 0)) and groups == 1)
+    return (geom.kernel == (1, 1) and geom.stride == (1, 1)
+            and geom.padding == ((0, 0), (0, 0)) and geom.groups == 1)
 
 
-def _matmul_forward(xp, x, w, bias, layout):
-    n, c_in, h, width = _args.spatial_shape(x.shape, layout)
-    c_out = _weight_dims(w.shape, layout)[3]
+def _matmul_dims(geom):
+    """``(N, C_in, C_out, H*W, layout)`` of a matrix-product convolution."""
+    return (geom.batch, geom.in_channels, geom.out_channels,
+            math.prod(geom.in_hw), geom.layout)
+
+
+def _matmul_forward(xp, x, w, bias, geom):
+    n, c_in, c_out, pixels, layout = _matmul_dims(geom)
     if layout == "NHWC":
-        y = xp.matmul(x.reshape(n * h * width, c_in), w.reshape(c_in, c_out))
-        y = y.reshape(n, h, width, c_out)
+        y = xp.matmul(x.reshape(n * pixels, c_in), w.reshape(c_in, c_out))
     else:
-        y = xp.matmul(w.reshape(c_out, c_in), x.reshape(n, c_in, h * width))
-        y = y.reshape(n, c_out, h, width)
+        y = xp.matmul(w.reshape(c_out, c_in), x.reshape(n, c_in, pixels))
+        bias = None if bias is None else bias.reshape(c_out, 1)
     if bias is not None:
-        y += bias if layout == "NHWC" else bias.reshape(c_out, 1, 1)
-    return y
+        y += bias
+    return y.reshape(geom.out_shape)
 
 
-def _matmul_input_grad(xp, w, grad_out, layout):
-    n, c_out, h, width = _args.spatial_shape(grad_out.shape, layout)
-    c_in = _weight_dims(w.shape, layout)[2]
+def _matmul_input_grad(xp, w, grad_out, geom):
+    n, c_in, c_out, pixels, layout = _matmul_dims(geom)
     if layout == "NHWC":
-        grad_x = xp.matmul(grad_out.reshape(n * h * width, c_out),
+        grad_x = xp.matmul(grad_out.reshape(n * pixels, c_out),
                            w.reshape(c_in, c_out).T)
-        return grad_x.reshape(n, h, width, c_in)
-    grad_x = xp.matmul(w.reshape(c_out, c_in).T,
-                       grad_out.reshape(n, c_out, h * width))
-    return grad_x.reshape(n, c_in, h, width)
+    else:
+        grad_x = xp.matmul(w.reshape(c_out, c_in).T,
+                           grad_out.reshape(n, c_out, pixels))
+    return grad_x.reshape(geom.in_shape)
 
 
-def _matmul_weight_grad(xp, x, grad_out, layout):
-    n, c_in, h, width = _args.spatial_shape(x.shape, layout)
-    c_out = _args.spatial_shape(grad_out.shape, layout)[1]
+def _matmul_weight_grad(xp, x, grad_out, geom):
+    n, c_in, c_out, pixels, layout = _matmul_dims(geom)
     if layout == "NHWC":
-        grad_w = xp.matmul(x.reshape(n * h * width, c_in).T,
-                           grad_out.reshape(n * h * width, c_out))
-        return grad_w.reshape(1, 1, c_in, c_out)
-    # One product over (n, pixel) pairs, not N products summed afterwards.
-    grad_w = xp.tensordot(grad_out.reshape(n, c_out, h * width),
-                          x.reshape(n, c_in, h * width), axes=((0, 2), (0, 2)))
-    return grad_w.reshape(c_out, c_in, 1, 1)
+        grad_w = xp.matmul(x.reshape(n * pixels, c_in).T,
+                           grad_out.reshape(n * pixels, c_out))
+    else:
+        # One product over (n, pixel) pairs, not N products summed afterwards.
+        grad_w = xp.tensordot(grad_out.reshape(n, c_out, pixels),
+                              x.reshape(n, c_in, pixels), axes=((0, 2), (0, 2)))
+    return grad_w.reshape(geom.weight_shape)
 
 
 # ---- helpers -----------------------------------------------------------------
-
-def _weight_dims(shape, layout):
-    """``(kh, kw, C_in/groups, C_out)`` of a weight shape in ``layout``."""
-    if layout == "NHWC":
-        kh, kw, cin_g, c_out = shape
-    else:
-        c_out, cin_g, kh, kw = shape
-    return kh, kw, cin_g, c_out
-
-
-def _activation_shape(n, c, h, w, layout):
-    return (n, h, w, c) if layout == "NHWC" else (n, c, h, w)
-
 
 def _type_name(dtype):
     return _kernels.FLOAT_TYPES[numpy.dtype(dtype).name]
@@ -250,13 +230,17 @@ def _rows_fastest(row_step, k_step):
     return int(abs(int(row_step)) < abs(int(k_step)))
 
 
-def _geometry(n, h, w, oh, ow, kh, kw, cin_g, cout_g, groups, stride, padding,
-              dilation):
+def _per_group(channels, geom):
+    return channels // geom.groups
+
+
+def _geometry(geom):
     """The 16 leading kernel arguments (CONV2D_GEOMETRY_PARAMS in conv2d.cu)."""
-    (top, _), (left, _) = padding
+    (top, _), (left, _) = geom.padding
     return tuple(numpy.int64(v) for v in (
-        n, h, w, oh, ow, kh, kw, cin_g, cout_g, groups,
-        stride[0], stride[1], top, left, dilation[0], dilation[1]))
+        geom.batch, *geom.in_hw, *geom.out_hw, *geom.kernel,
+        _per_group(geom.in_channels, geom), _per_group(geom.out_channels, geom),
+        geom.groups, *geom.stride, top, left, *geom.dilation))
 
 
 def _cdiv(a, b):

@@ -138,9 +138,7 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
     if _backend.use_kernels(xp):
         from . import _conv2d_cuda
 
-        return _conv2d_cuda.conv2d_forward(
-            x, w, bias, geom.stride, geom.padding, geom.dilation, geom.groups,
-            geom.layout, geom.out_hw)
+        return _conv2d_cuda.conv2d_forward(x, w, bias, geom)
     return _forward(x, w, bias, geom)
 
 
@@ -216,9 +214,7 @@ def conv2d_input(input_shape, w, grad_out, *, stride=1, padding=0, dilation=1,
     if _backend.use_kernels(xp):
         from . import _conv2d_cuda
 
-        return _conv2d_cuda.conv2d_input_grad(
-            w, grad_out, input_shape, geom.stride, geom.padding, geom.dilation,
-            geom.groups, geom.layout)
+        return _conv2d_cuda.conv2d_input_grad(w, grad_out, geom)
     return _input_grad(w, grad_out, geom)
 
 
@@ -290,9 +286,7 @@ def conv2d_weight(x, weight_shape, grad_out, *, stride=1, padding=0,
     if _backend.use_kernels(xp):
         from . import _conv2d_cuda
 
-        return _conv2d_cuda.conv2d_weight_grad(
-            x, grad_out, weight_shape, geom.stride, geom.padding,
-            geom.dilation, geom.groups, geom.layout)
+        return _conv2d_cuda.conv2d_weight_grad(x, grad_out, geom)
     return _weight_grad(x, grad_out, geom)
 
 

@@ -159,6 +159,11 @@ class Case:
     def params(self):
         return self.stride, self.padding, self.dilation, self.groups, self.layout
 
+    @property
+    def geom(self):
+        """The ConvGeometry convolution.py hands to the launch code."""
+        return cupyconv._args.conv2d_geometry(self.x_shape, self.w_shape, *self.params())
+
     def arrays(self, seed=0):
         rng = np.random.default_rng(seed)
 
@@ -216,12 +221,12 @@ def assert_close(actual, expected, dtype):
 def run_case(case, x, w, bias, grad_out):
     """The three launch functions on one case, each against the reference."""
     params = case.params()
-    y = _conv2d_cuda.conv2d_forward(x, w, bias, *params, case.out_hw)
+    y = _conv2d_cuda.conv2d_forward(x, w, bias, case.geom)
     assert_close(y, reference_forward(x, w, bias, *params), case.dtype)
-    grad_x = _conv2d_cuda.conv2d_input_grad(w, grad_out, x.shape, *params)
+    grad_x = _conv2d_cuda.conv2d_input_grad(w, grad_out, case.geom)
     assert_close(grad_x, reference_input_grad(w, grad_out, x.shape, *params),
                  case.dtype)
-    grad_w = _conv2d_cuda.conv2d_weight_grad(x, grad_out, w.shape, *params)
+    grad_w = _conv2d_cuda.conv2d_weight_grad(x, grad_out, case.geom)
     assert_close(grad_w, reference_weight_grad(x, grad_out, w.shape, *params),
                  case.dtype)
     return y, grad_x, grad_w
@@ -269,7 +274,7 @@ def test_kernels_match_reference(cpu_kernels, case):
 def test_unread_input_pixels_get_zero_gradient(cpu_kernels):
     case = KERNEL_CASES[5]
     x, w, bias, grad_out = case.arrays()
-    grad_x = _conv2d_cuda.conv2d_input_grad(w, grad_out, x.shape, *case.params())
+    grad_x = _conv2d_cuda.conv2d_input_grad(w, grad_out, case.geom)
     for unread in (np.s_[:, :, 2:5], np.s_[:, :, 7:10], np.s_[:, :, 12:],
                    np.s_[:, :, :, 2:5], np.s_[:, :, :, 7:]):
         assert np.all(grad_x[unread] == 0)
@@ -285,8 +290,7 @@ def test_weight_grad_split_reduction(cpu_kernels):
         9 * case.c_in, case.c_out, 1, case.n * oh * ow)
     assert splits > 1
     x, _, _, grad_out = case.arrays()
-    grad_w = _conv2d_cuda.conv2d_weight_grad(x, grad_out, case.w_shape,
-                                             *case.params())
+    grad_w = _conv2d_cuda.conv2d_weight_grad(x, grad_out, case.geom)
     assert_close(grad_w, reference_weight_grad(x, grad_out, case.w_shape,
                                                *case.params()), case.dtype)
 
