@@ -230,7 +230,7 @@ def shape_arg(value, ndim, name):
             f"{name} must have {ndim} entries, got {len(value)}: {tuple(value)!r}"
         )
     shape = tuple(as_int(v, f"{name}[{i}]") for i, v in enumerate(value))
-    if min(shape) < 0:
+    if any(v < 0 for v in shape):
         raise ValueError(f"{name} entries must be >= 0, got {shape!r}")
     return shape
 

@@ -23,13 +23,7 @@ def _output_shape(a, axes, dilation, shape):
         for axis, d in zip(axes, dilation):
             out[axis] *= d + 1
         return tuple(out)
-    if not isinstance(shape, (tuple, list)):
-        raise TypeError(f"shape must be a tuple of ints, got {type(shape).__name__}")
-    out = tuple(_args.as_int(s, f"shape[{i}]") for i, s in enumerate(shape))
-    if len(out) != a.ndim:
-        raise ValueError(
-            f"shape has {len(out)} entries but the input has ndim {a.ndim}"
-        )
+    out = _args.shape_arg(shape, a.ndim, "shape")
     steps = dict(zip(axes, dilation))
     for axis, (n, m) in enumerate(zip(a.shape, out)):
         if axis in steps:

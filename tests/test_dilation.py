@@ -126,6 +126,7 @@ def test_dilate_shape_zero_length_axis():
 def test_zero_dimensional_and_empty_axes():
     a = np.array(5.0)
     assert cc.dilate(a, (), ()) == 5.0
+    assert cc.dilate(a, (), (), shape=()) == 5.0
     assert isinstance(cc.undilate(a, (), ()), np.ndarray)
     assert cc.undilate(a, (), 3) == 5.0
     b = np.arange(6).reshape(2, 3)
@@ -149,9 +150,10 @@ def test_object_and_string_dtypes_work_on_the_cpu():
         (dict(axes=(0,), dilation=(True,)), TypeError, r"dilation\[0\] must be an integer"),
         (dict(axes=(0.0,), dilation=1), TypeError, r"axes\[0\] must be an integer"),
         (dict(axes=0, dilation=2, shape=(6, 3)), ValueError, r"shape\[0\] = 6 is too small"),
-        (dict(axes=0, dilation=2, shape=(7,)), ValueError, "shape has 1 entries"),
+        (dict(axes=0, dilation=2, shape=(7,)), ValueError, "shape must have 2 entries"),
         (dict(axes=0, dilation=2, shape=(7, 4)), ValueError, r"shape\[1\] = 4 differs"),
         (dict(axes=0, dilation=2, shape=7), TypeError, "shape must be a tuple"),
+        (dict(axes=0, dilation=2, shape=(7, -3)), ValueError, "shape entries must be >= 0"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
