@@ -16,6 +16,7 @@ runs in cache-sized blocks spread over the cores' threads.
 
 import concurrent.futures
 import functools
+import math
 import os
 from typing import NamedTuple
 
@@ -387,17 +388,17 @@ def _backward(grad_out, indices, pool):
 
 
 # The 2x1 path sees an array as (planes, H, row) like the 2x1 kernels (see
-# _Pool.rows) and works block by block: whole planes, or a run of row pairs of
-# one plane, so that every block is one contiguous stretch of memory.  Rows r
-# and r+1 are compared for every r of a block at once, with the block and
-# itself shifted by one row: twice the comparisons of the windows alone, but
-# NumPy runs long contiguous loops several times faster than the strided
-# views of the windows' rows.  The block's few passes then run in cache, and
-# the blocks are shared among the CPU cores (NumPy releases the GIL in its
-# loops), as PyTorch spreads its pooling over its threads.
+# _Pool.rows), its windows as (planes, pairs, top/bottom, row), and works
+# block by block: whole planes, or a run of windows of one plane.  A block's
+# few passes then run in cache, and the blocks are shared among the CPU cores
+# (NumPy releases the GIL in its loops), as PyTorch spreads its pooling over
+# its threads.  NumPy's ufuncs run several times slower on rows spaced apart
+# (they copy them through small buffers) than on contiguous arrays, so each
+# block first copies the rows it compares into contiguous buffers (copies
+# take no such detour), and every ufunc runs on contiguous operands.
 
 #: Bytes of input per block of the 2x1 path.
-_BLOCK_BYTES = 1 << 18
+_BLOCK_BYTES = 1 << 21
 _CPUS = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
          else os.cpu_count() or 1)
 
@@ -409,30 +410,48 @@ def _workers():
 
 
 def _blocks(pool, itemsize):
-    """(plane slice, input row slice) blocks covering the 2x1 windows, each
-    about ``_BLOCK_BYTES`` of input: whole planes (all H rows, so that the
-    block is contiguous) when they are smaller, else runs of row pairs."""
+    """(plane slice, window-row slice) blocks covering the 2x1 windows, each
+    about ``_BLOCK_BYTES`` of input: whole planes when they are smaller, else
+    runs of windows of one plane."""
     planes, row, _ = pool.rows()
     pairs = pool.h // 2
     if pairs == 0:
         return []
-    plane_bytes = max(1, pool.h * row * itemsize)
-    if plane_bytes <= _BLOCK_BYTES:
-        step = _BLOCK_BYTES // plane_bytes
-        return [(slice(p, p + step), slice(0, pool.h)) for p in range(0, planes, step)]
-    run = max(1, _BLOCK_BYTES // (2 * row * itemsize))
-    return [(slice(p, p + 1), slice(2 * k, 2 * min(k + run, pairs)))
+    pair_bytes = max(1, 2 * row * itemsize)
+    if pairs * pair_bytes <= _BLOCK_BYTES:
+        step = _BLOCK_BYTES // (pairs * pair_bytes)
+        return [(slice(p, p + step), slice(0, pairs))
+                for p in range(0, planes, step)]
+    run = max(1, _BLOCK_BYTES // pair_bytes)
+    return [(slice(p, p + 1), slice(k, k + run))
             for p in range(planes) for k in range(0, pairs, run)]
 
 
+class _Buffers:
+    """One thread's scratch arrays for one call, kept across its blocks:
+    fresh memory for every block would cost a page fault per 4 KiB."""
+
+    def __init__(self):
+        self._flat = {}
+
+    def get(self, name, shape, dtype):
+        size = math.prod(shape)
+        flat = self._flat.get(name)
+        if flat is None or flat.size < size:
+            flat = self._flat[name] = numpy.empty(size, dtype)
+        return flat[:size].reshape(shape)
+
+
 def _run(work, blocks):
-    for block in blocks:
-        work(*block)
+    buffers = _Buffers()
+    for planes, windows in blocks:
+        work(planes, windows, buffers)
 
 
 def _in_blocks(work, blocks):
-    """``work(planes, rows)`` for every block; the calling thread and up to
-    ``_CPUS - 1`` pool threads each take every ``_CPUS``-th block."""
+    """``work(planes, windows, buffers)`` for every block; the calling thread
+    and up to ``_CPUS - 1`` pool threads each take every ``_CPUS``-th
+    block."""
     shares = min(_CPUS, len(blocks))
     if shares <= 1:
         return _run(work, blocks)
@@ -443,27 +462,6 @@ def _in_blocks(work, blocks):
         share.result()
 
 
-def _pairs_of(rows):
-    """Window slice of the input row slice of a block."""
-    return slice(rows.start // 2, rows.stop // 2)
-
-
-def _on_pairs(op, region, dtype):
-    """``op(top, bottom, out)`` on the rows of each 2x1 window of a
-    contiguous (planes, R, row) block: run on every pair of neighbouring rows
-    (contiguous loops), of which rows 0, 2, 4, ... of each plane are the
-    windows.  Returns a (planes, R // 2, row) view."""
-    planes, rows, row = region.shape
-    flat = region.reshape(planes * rows, row)
-    result = numpy.empty((planes * rows, row), dtype)
-    op(flat[:-1], flat[1:], out=result[:-1])
-    return result.reshape(planes, rows, row)[:, 0:rows - 1:2]
-
-
-def _bottom_picks(top, bottom, out):
-    return _beats(bottom, top, out=out)
-
-
 def _pair_positions(pool, pairs):
     """``h*W + w`` of the top row of the first ``pairs`` 2x1 windows, shaped
     (pairs, row) like the planes' rows."""
@@ -472,27 +470,48 @@ def _pair_positions(pool, pairs):
             + numpy.arange(row) // inner)
 
 
+def _windows(a, pool):
+    """Images ``a`` as (planes, H, row) and their 2x1 windows as a (planes,
+    pairs, top/bottom, row) view of it."""
+    planes, row, _ = pool.rows()
+    rows = numpy.ascontiguousarray(a).reshape(planes, pool.h, row)
+    pairs = pool.h // 2
+    return rows, rows[:, :2 * pairs].reshape(planes, pairs, 2, row)
+
+
+def _bottom_wins(windows, top, buffers):
+    """Where the bottom rows of ``windows`` (a block) are the picks, as bool;
+    the top rows are copied to ``top`` on the way."""
+    bottom = buffers.get("bottom", top.shape, top.dtype)
+    numpy.copyto(top, windows[:, :, 0])
+    numpy.copyto(bottom, windows[:, :, 1])
+    return _beats(bottom, top, out=buffers.get("wins", top.shape, bool)), bottom
+
+
 def _forward_2x1(x, pool, want_indices):
     """2x1: rows 2k and 2k+1 compared elementwise.  An odd last row is
     dropped, or with ``ceil_mode`` is a window of its own."""
     planes, row, _ = pool.rows()
     pairs = pool.h // 2
-    images = numpy.ascontiguousarray(x).reshape(planes, pool.h, row)
+    images, windows = _windows(x, pool)
     out = numpy.empty(pool.out_shape, x.dtype)
     best = out.reshape(planes, pool.oh, row)
     indices = numpy.empty(pool.out_shape, numpy.int64) if want_indices else None
     at = indices.reshape(planes, pool.oh, row) if want_indices else None
     top_at = _pair_positions(pool, pairs)
 
-    def block(plane, rows):
-        region, windows = images[plane, rows], _pairs_of(rows)
+    def block(plane, pair, buffers):
+        block_best = best[plane, pair]  # contiguous: a whole plane or rows of one
+        bottom_wins, bottom = _bottom_wins(
+            windows[plane, pair], block_best, buffers)
+        if want_indices:
+            block_at = at[plane, pair]
+            numpy.copyto(block_at, bottom_wins)  # 0 top, 1 bottom
+            block_at *= pool.w
+            block_at += top_at[pair]
         # NaN-propagating, so equal to the pick (a tie of -0.0 and +0.0 may
         # give either zero).
-        best[plane, windows] = _on_pairs(numpy.maximum, region, x.dtype)
-        if want_indices:
-            numpy.multiply(_on_pairs(_bottom_picks, region, bool), pool.w,
-                           out=at[plane, windows])
-            at[plane, windows] += top_at[windows]
+        numpy.maximum(block_best, bottom, out=block_best)
 
     _in_blocks(block, _blocks(pool, x.dtype.itemsize))
     if pool.oh > pairs:
@@ -506,42 +525,44 @@ def _backward_2x1(grad_out, x, indices, pool):
     """2x1: each window's gradient goes to the row it picked, found by
     comparing the two rows again or by reading ``indices``; the other row
     gets +0.  Written as one contiguous product of the gradient, repeated
-    for both rows, and a 0/1 mask of the picks."""
+    for both rows, and a 0/1 mask of the picks, on the bits (exact, unlike
+    floats: inf * 0 is NaN)."""
     planes, row, _ = pool.rows()
     pairs = pool.h // 2
+    bits = numpy.dtype(f"u{grad_out.dtype.itemsize}")
     grad_in = numpy.empty(pool.in_shape, grad_out.dtype)
-    rows_out = grad_in.reshape(planes, pool.h, row)
+    rows_out, windows_out = _windows(grad_in.view(bits), pool)
     grads = numpy.ascontiguousarray(grad_out).reshape(planes, pool.oh, row)
     if indices is None:
-        images = numpy.ascontiguousarray(x).reshape(planes, pool.h, row)
+        windows = _windows(x, pool)[1]
     else:
         picks = numpy.ascontiguousarray(indices).reshape(planes, pool.oh, row)
         top_at = _pair_positions(pool, pairs)
-    bits = numpy.dtype(f"u{grad_out.dtype.itemsize}")
 
-    def block(plane, rows):
-        windows = _pairs_of(rows)
-        g = grads[plane, windows]
+    def block(plane, pair, buffers):
+        g = grads[plane, pair].view(bits)
         shape = g.shape[:2] + (2, row)  # (planes, windows, top/bottom, row)
-        keep = numpy.empty(shape, bits)
+        keep = buffers.get("keep", shape, bits)
         if indices is None:
-            bottom = _on_pairs(_bottom_picks, images[plane, rows], bool)
-            keep[:, :, 1] = bottom
-            numpy.logical_not(bottom, out=keep[:, :, 0], casting="unsafe")
+            top = buffers.get("top", g.shape, x.dtype)
+            bottom = _bottom_wins(windows[plane, pair], top, buffers)[0]
+            numpy.copyto(keep[:, :, 1], bottom)
+            numpy.copyto(keep[:, :, 0], numpy.logical_not(bottom, out=bottom))
         else:
-            picked, top = picks[plane, windows], top_at[windows]
-            numpy.equal(picked, top, out=keep[:, :, 0], casting="unsafe")
-            numpy.equal(picked, top + pool.w, out=keep[:, :, 1], casting="unsafe")
-        spread = numpy.empty(shape, bits)
-        spread[...] = g.view(bits)[:, :, None]
-        window_rows = rows_out[plane, rows.start:rows.start + 2 * shape[1]]
-        numpy.multiply(spread, keep, out=window_rows.view(bits).reshape(shape))
+            # An index outside its window picks neither row.
+            picked, top = picks[plane, pair], top_at[pair]
+            hit = buffers.get("hit", g.shape, bool)
+            numpy.copyto(keep[:, :, 0], numpy.equal(picked, top, out=hit))
+            numpy.copyto(keep[:, :, 1], numpy.equal(picked, top + pool.w, out=hit))
+        spread = buffers.get("spread", shape, bits)
+        numpy.copyto(spread, g[:, :, None])
+        numpy.multiply(spread, keep, out=windows_out[plane, pair])
 
     _in_blocks(block, _blocks(pool, grad_out.dtype.itemsize))
     if pool.oh > pairs:  # with ceil_mode an odd last row is its own window
         last_picked = True if indices is None else (
             picks[:, pairs] == _pair_positions(pool, 1)[0] + (pool.h - 1) * pool.w)
-        rows_out[:, pool.h - 1] = _kept(grads[:, pairs], last_picked)
+        rows_out[:, pool.h - 1] = _kept(grads[:, pairs], last_picked).view(bits)
     elif pool.h % 2:
         rows_out[:, pool.h - 1] = 0  # in no window
     return grad_in
