@@ -152,6 +152,12 @@ def get_function(family, name):
     )
 
 
+def data_pointer(a):
+    """Address of ``a``'s first element (a CuPy or a NumPy array)."""
+    interface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
+    return interface["data"][0]
+
+
 def grid_for(n, threads=256, max_blocks=8192):
     """Blocks for a grid-stride loop over ``n`` items (at least one block).
 

@@ -178,14 +178,27 @@ def _gather(a, out_shape, step, in_strides):
     out = xp.empty(out_shape, dtype=a.dtype)
     if out.size == 0:
         return out
-    type_name = _kernels.COPY_TYPES.get(a.dtype.itemsize)
-    if type_name is None or a.dtype.hasobject:
+    if a.dtype.itemsize not in _kernels.COPY_TYPES or a.dtype.hasobject:
         raise TypeError(f"dtype {a.dtype} is not supported on the GPU")
-    meta = numpy.array([out_shape, a.shape, step, in_strides], dtype=numpy.int64)
-    kernel = _kernels.get_function("dilate", f"dilate_gather<{type_name}>")
+    # Elements move as the widest unsigned unit that the input's address and
+    # strides are aligned to: a view reinterpreted at an odd byte offset is
+    # legal, a misaligned load is not.  Narrower units add an inner axis.
+    unit = a.dtype.itemsize
+    while unit > 1 and any(v % min(unit, 8) for v in (_kernels.data_pointer(a), *in_strides)):
+        unit //= 2
+    parts = a.dtype.itemsize // unit
+    target = out
+    if parts > 1:
+        out_shape, in_shape = (*out_shape, parts), (*a.shape, parts)
+        step, in_strides = (*step, 1), (*in_strides, unit)
+        target = out.reshape(-1).view(numpy.dtype(f"u{unit}"))
+    else:
+        in_shape = a.shape
+    meta = numpy.array([out_shape, in_shape, step, in_strides], dtype=numpy.int64)
+    kernel = _kernels.get_function("dilate", f"dilate_gather<{_kernels.COPY_TYPES[unit]}>")
     kernel(
-        _kernels.grid_for(out.size),
+        _kernels.grid_for(target.size),
         (256,),
-        (a, out, xp.asarray(meta), numpy.int64(out.size), numpy.int32(a.ndim)),
+        (a, target, xp.asarray(meta), numpy.int64(target.size), numpy.int32(len(in_shape))),
     )
     return out
