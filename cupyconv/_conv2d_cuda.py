@@ -50,14 +50,14 @@ def conv2d_forward(x, w, bias, geom):
     y = xp.empty(geom.out_shape, dtype=x.dtype)
     if y.size == 0:
         return y
-    x, w = _addressable(xp, x), _addressable(xp, w)
+    x, w = _kernels.kernel_operand(x), _kernels.kernel_operand(w)
     layout, stride = geom.layout, geom.stride
     xs = _strides(x, _ACTIVATION_AXES[layout])
     ws = _strides(w, _WEIGHT_AXES[layout])
     ys = _strides(y, _ACTIVATION_AXES[layout])
     has_bias = bias is not None
     if has_bias:
-        bias = _addressable(xp, bias)
+        bias = _kernels.kernel_operand(bias)
         bias_stride = bias.strides[0] // bias.itemsize
     else:
         bias, bias_stride = y, 0  # never read; any array of the dtype will do
@@ -86,7 +86,7 @@ def conv2d_input_grad(w, grad_out, geom):
     grad_x = xp.empty(geom.in_shape, dtype=grad_out.dtype)
     if grad_x.size == 0:
         return grad_x
-    w, grad_out = _addressable(xp, w), _addressable(xp, grad_out)
+    w, grad_out = _kernels.kernel_operand(w), _kernels.kernel_operand(grad_out)
     layout = geom.layout
     gos = _strides(grad_out, _ACTIVATION_AXES[layout])
     ws = _strides(w, _WEIGHT_AXES[layout])
@@ -120,7 +120,7 @@ def conv2d_weight_grad(x, grad_out, geom):
     grad_w = xp.empty(geom.weight_shape, dtype=x.dtype)
     if grad_w.size == 0:
         return grad_w
-    x, grad_out = _addressable(xp, x), _addressable(xp, grad_out)
+    x, grad_out = _kernels.kernel_operand(x), _kernels.kernel_operand(grad_out)
     layout, groups, (kh, kw) = geom.layout, geom.groups, geom.kernel
     cin_g = _per_group(geom.in_channels, geom)
     cout_g = _per_group(geom.out_channels, geom)
@@ -208,14 +208,6 @@ def _matmul_weight_grad(xp, x, grad_out, geom):
 
 def _type_name(dtype):
     return _kernels.FLOAT_TYPES[numpy.dtype(dtype).name]
-
-
-def _addressable(xp, a):
-    """``a``, or a contiguous copy if a stride is not a whole number of
-    elements (the kernels take strides in elements)."""
-    if any(s % a.itemsize for s in a.strides):
-        return xp.ascontiguousarray(a)
-    return a
 
 
 def _strides(a, axes):

@@ -158,6 +158,17 @@ def data_pointer(a):
     return interface["data"][0]
 
 
+def kernel_operand(a, contiguous=False):
+    """``a`` as a kernel can read it: ``a`` itself, or a C-contiguous copy
+    when ``contiguous`` is asked for and ``a`` is not, or when its address or
+    a stride is not a multiple of its item size (kernels index whole, aligned
+    elements; a view reinterpreted at an odd byte offset is neither)."""
+    misaligned = any(v % a.itemsize for v in (data_pointer(a), *a.strides))
+    if misaligned or (contiguous and not a.flags.c_contiguous):
+        return a.copy()
+    return a
+
+
 def grid_for(n, threads=256, max_blocks=8192):
     """Blocks for a grid-stride loop over ``n`` items (at least one block).
 

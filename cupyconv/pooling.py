@@ -591,7 +591,7 @@ def _window_args(pool):
 
 def _forward_kernels(x, pool, want_indices):
     xp = _backend.array_module_of(x)
-    x = xp.ascontiguousarray(x)
+    x = _kernels.kernel_operand(x, contiguous=True)
     out = xp.empty(pool.out_shape, x.dtype)
     # Without indices the kernels get a stand-in they never write.
     indices = xp.empty(pool.out_shape if want_indices else (1,), numpy.int64)
@@ -614,7 +614,7 @@ def _forward_kernels(x, pool, want_indices):
 
 def _backward_kernels(grad_out, x, indices, pool):
     xp = _backend.array_module_of(grad_out)
-    grad_out = xp.ascontiguousarray(grad_out)
+    grad_out = _kernels.kernel_operand(grad_out, contiguous=True)
     grad_in = xp.empty(pool.in_shape, grad_out.dtype)
     if grad_in.size == 0:
         return grad_in
@@ -622,8 +622,8 @@ def _backward_kernels(grad_out, x, indices, pool):
     if pool.is_2x1:
         with_indices = indices is not None
         # The kernel reads the picks from one of the two; the other is unread.
-        values = grad_out if with_indices else xp.ascontiguousarray(x)
-        picks = (xp.ascontiguousarray(indices) if with_indices
+        values = grad_out if with_indices else _kernels.kernel_operand(x, contiguous=True)
+        picks = (_kernels.kernel_operand(indices, contiguous=True) if with_indices
                  else xp.empty((1,), numpy.int64))
         planes, row, inner = pool.rows()
         count = planes * -(-pool.h // 2) * row
@@ -636,6 +636,6 @@ def _backward_kernels(grad_out, x, indices, pool):
         indices = _forward_kernels(x, pool, True)[1]
     kernel = _kernels.get_function("maxpool", f"maxpool_bwd<{type_name}>")
     kernel(_kernels.grid_for(grad_in.size, _THREADS), (_THREADS,),
-           (grad_out, xp.ascontiguousarray(indices), grad_in,
+           (grad_out, _kernels.kernel_operand(indices, contiguous=True), grad_in,
             numpy.int64(grad_in.size)) + _window_args(pool))
     return grad_in

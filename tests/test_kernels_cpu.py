@@ -221,3 +221,38 @@ def test_views_not_aligned_to_their_itemsize(cpu_kernels, dtype):
                          numpy_path(cc.dilate, a, axes, dilation, shape=shape))
         assert_same_bits(cc.undilate(a, axes, dilation),
                          numpy_path(cc.undilate, a, axes, dilation))
+
+
+def misaligned(a):
+    """A copy of ``a`` whose data starts 2 bytes past an aligned address."""
+    raw = np.empty(a.nbytes + 2, np.uint8)
+    view = raw[2:].view(a.dtype).reshape(a.shape)
+    view[...] = a
+    return view
+
+
+def test_conv2d_and_pooling_copy_misaligned_operands(cpu_kernels):
+    rng = np.random.default_rng(3)
+    x = misaligned(rng.standard_normal((2, 7, 5, 3)).astype(np.float32))
+    w = misaligned(rng.standard_normal((3, 2, 3, 4)).astype(np.float32))
+    g = misaligned(rng.standard_normal((2, 7, 4, 4)).astype(np.float32))
+    assert x.ctypes.data % 4 and w.ctypes.data % 4 and g.ctypes.data % 4
+    keywords = dict(padding=(1, 0))
+    for got, expected in [
+        (cc.conv2d(x, w, **keywords), numpy_path(cc.conv2d, x, w, **keywords)),
+        (cc.conv2d_input(x.shape, w, g, **keywords),
+         numpy_path(cc.conv2d_input, x.shape, w, g, **keywords)),
+        (cc.conv2d_weight(x, w.shape, g, **keywords),
+         numpy_path(cc.conv2d_weight, x, w.shape, g, **keywords)),
+    ]:
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    for window in [(2, 1), (3, 2)]:
+        out, idx = cc.max_pool2d(x, window, return_indices=True)
+        expected_out, expected_idx = numpy_path(cc.max_pool2d, x, window, return_indices=True)
+        assert_same_bits(out, expected_out)
+        assert_same_bits(idx, expected_idx)
+        grad = misaligned(rng.standard_normal(out.shape).astype(np.float32))
+        assert_same_bits(cc.max_pool2d_backward(grad, x, window),
+                         numpy_path(cc.max_pool2d_backward, grad, x, window))
+        assert_same_bits(cc.max_pool2d_backward(grad, x, window, indices=misaligned(idx)),
+                         numpy_path(cc.max_pool2d_backward, grad, x, window, indices=idx))
