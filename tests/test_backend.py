@@ -125,3 +125,33 @@ def test_compile_error_names_the_file_and_carries_the_log(monkeypatch, fake_cupy
     with _kernels.use_provider(_kernels.CupyProvider()):
         with pytest.raises(cc.KernelCompileError, match=r"dilate\.cu failed:\n.*expected a ';'"):
             _kernels.get_function("dilate", _kernels.FAMILIES["dilate"][0])
+
+
+def test_modules_compile_once_per_source_options_and_device(fake_cupy):
+    """Lazily, on the first get_function, then reused; a new device compiles again."""
+    built = []
+
+    class RawModule:
+        def __init__(self, code, options, name_expressions):
+            built.append(options)
+
+        def compile(self):
+            pass
+
+        def get_function(self, name):
+            return name
+
+    device = [0]
+    fake_cupy.RawModule = RawModule
+    fake_cupy.cuda = types.SimpleNamespace(
+        compiler=types.SimpleNamespace(CompileException=RuntimeError),
+        runtime=types.SimpleNamespace(getDevice=lambda: device[0]))
+    names = _kernels.FAMILIES["dilate"]
+    with _kernels.use_provider(_kernels.CupyProvider()):
+        assert built == []
+        assert _kernels.get_function("dilate", names[0]) == names[0]
+        assert _kernels.get_function("dilate", names[1]) == names[1]
+        assert len(built) == 1
+        device[0] = 1
+        _kernels.get_function("dilate", names[0])
+        assert len(built) == 2
