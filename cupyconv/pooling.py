@@ -46,9 +46,7 @@ class _Pool(NamedTuple):
 
     def shape(self, h, w):
         """Shape of an array of ``h x w`` images in this layout."""
-        if self.layout == "NHWC":
-            return (self.n, h, w, self.c)
-        return (self.n, self.c, h, w)
+        return _args.activation_shape(self.n, self.c, (h, w), self.layout)
 
     @property
     def in_shape(self):
