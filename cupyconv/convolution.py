@@ -5,10 +5,12 @@ Chainer's ``chainer.utils.conv``.  The input is copied once into a zero-padded,
 channels-last buffer (which also upcasts float16 and undoes NCHW).  Then, one
 block of output pixels at a time, the patch every output pixel reads is
 gathered into a matrix with one row per pixel and one column per (tap,
-channel) of a group -- one strided copy per kernel tap -- and a single BLAS
-product per group gives the block's output.  Blocks hold a few MiB, so the
-gathered matrix stays in cache and peak memory stays near the size of the
-input plus the output, whatever the kernel size.
+channel) of a group -- one strided copy from a windowed view of the input,
+into a matrix stored row by row, or column by column when there are only a
+few channels per group -- and a single BLAS product per group gives the
+block's output.  Blocks hold a few MiB, so the gathered matrix stays in cache
+and peak memory stays near the size of the input plus the output, whatever
+the kernel size.
 
 The gradients reuse the same tap geometry: ``conv2d_weight`` multiplies the
 gathered matrix's transpose by ``grad_out``; ``conv2d_input`` multiplies
@@ -31,6 +33,10 @@ __all__ = ["conv2d", "conv2d_input", "conv2d_weight"]
 #: (seed layer 2 forward, ResNet 3x3 forward): 45 / 12.6 ms at 2**20 against
 #: 52 / 17 ms at 2**23 and 59 / 13 ms at 2**21.
 _BLOCK_ELEMENTS = 2**20
+
+#: Most input channels per group for which gathers are laid out tap-major
+#: (see :func:`_gather_tap_major`).
+_TAP_MAJOR_MAX_CHANNELS = 4
 
 
 def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
@@ -310,7 +316,7 @@ def _forward(x, w, bias, geom):
         bias = bias.astype(work, copy=False)
         if geom.layout == "NCHW":
             bias = bias[:, None, None]
-    for images, rows, cols in _blocks(geom, work):
+    for images, rows, cols in _blocks(geom, work, _gather_tap_major(geom)):
         y_block = _output_block(y, geom, images, rows)
         _im2col(padded, geom, images, rows, cols)
         _matmul_into(_group_matrices(cols, geom), weights,
@@ -325,7 +331,7 @@ def _input_grad(w, grad_out, geom):
     weights_t = _weight_matrices(w, geom, work).swapaxes(1, 2)
     grad_out = grad_out.astype(work, copy=False)
     grad_padded = numpy.zeros(_padded_shape(geom), work)
-    for images, rows, cols in _blocks(geom, work):
+    for images, rows, cols in _blocks(geom, work, tap_major=False):
         g_block = _output_block(grad_out, geom, images, rows)
         _matmul_into(_group_matrices(g_block, geom, geom.layout == "NHWC"),
                      weights_t, _group_matrices(cols, geom))
@@ -343,7 +349,7 @@ def _weight_grad(x, grad_out, geom):
     groups, taps = geom.groups, geom.kernel[0] * geom.kernel[1]
     grad = numpy.zeros((groups, taps * geom.in_channels // groups,
                         geom.out_channels // groups), work)
-    for images, rows, cols in _blocks(geom, work):
+    for images, rows, cols in _blocks(geom, work, _gather_tap_major(geom)):
         _im2col(padded, geom, images, rows, cols)
         g_block = _output_block(grad_out, geom, images, rows)
         product = numpy.matmul(
@@ -413,13 +419,29 @@ def _weight_from_matrices(matrices, geom, dtype):
     return numpy.ascontiguousarray(w, dtype=dtype)
 
 
-def _blocks(geom, dtype):
+def _gather_tap_major(geom):
+    """Whether to lay gathered matrices out tap-major (see :func:`_blocks`):
+    with few channels per group, a pixel-major row is copied in runs of only
+    ``kw*C_in/groups`` elements, while a tap-major row is a shifted image
+    copied in runs of ``OW``.  Measured on 2 cores: 1.9x faster forwards and
+    1.6x faster weight gradients at 1 channel, break-even near 4.  The input
+    gradient's scatter-add back from the matrix is slower tap-major at every
+    channel count, so it always uses pixel-major."""
+    return geom.in_channels // geom.groups <= _TAP_MAJOR_MAX_CHANNELS
+
+
+def _blocks(geom, dtype, tap_major):
     """Tile the output into blocks whose gathered matrix has about
     ``_BLOCK_ELEMENTS`` entries -- whole images when one fits, else bands of
     output rows of one image -- and yield ``(images, rows, cols)``: the index
     ranges and an uninitialised gathered matrix for the block (see
     :func:`_cols_shape`).  Every block's matrix lives in one buffer allocated
-    once: fresh pages per block would cost more than the gather itself."""
+    once: fresh pages per block would cost more than the gather itself.
+
+    The matrix is a view with the same axes either way; ``tap_major`` only
+    changes its memory order, from pixels outermost (each row contiguous) to
+    columns outermost (each column contiguous).  BLAS takes either order
+    without a copy."""
     oh, ow = geom.out_hw
     kh, kw = geom.kernel
     per_row = ow * kh * kw * geom.in_channels
@@ -434,7 +456,10 @@ def _blocks(geom, dtype):
     shapes = [_cols_shape(geom, images, rows) for images, rows in ranges]
     buffer = numpy.empty(max((math.prod(shape) for shape in shapes), default=0), dtype)
     for (images, rows), shape in zip(ranges, shapes):
-        yield images, rows, buffer[:math.prod(shape)].reshape(shape)
+        cols = buffer[:math.prod(shape)]
+        if tap_major:
+            cols = cols.reshape(shape[-1:] + shape[:-1]).transpose(1, 2, 3, 0)
+        yield images, rows, cols.reshape(shape)
 
 
 def _output_block(a, geom, images, rows):

@@ -137,9 +137,18 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["tap-major", "pixel-major"])
+def gather_order(request, monkeypatch):
+    """Run the NumPy path with every gathered matrix in one memory order
+    (normally chosen by channels per group)."""
+    limit = 10**9 if request.param == "tap-major" else -1
+    monkeypatch.setattr(convolution, "_TAP_MAJOR_MAX_CHANNELS", limit)
+    return request.param
+
+
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("case", CASES, ids=repr)
-def test_matches_reference(case, layout):
+def test_matches_reference(case, layout, gather_order):
     x, w, bias, grad_out = case.arrays()
     y_ref, gx_ref, gw_ref = reference(x, w, grad_out, case.stride,
                                       case.explicit_padding, case.dilation,
@@ -161,7 +170,7 @@ def test_matches_reference(case, layout):
 
 @pytest.mark.parametrize("block_elements", [1, 40, 500])
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-def test_blocking(monkeypatch, block_elements, layout):
+def test_blocking(monkeypatch, block_elements, layout, gather_order):
     """Bands of rows of one image, and several images per block, give the
     same result as one block."""
     case = Case(5, 9, 8, 4, 6, (3, 2), stride=(2, 1), padding="same", groups=2)
@@ -175,7 +184,7 @@ def test_blocking(monkeypatch, block_elements, layout):
     monkeypatch.setattr(convolution, "_BLOCK_ELEMENTS", block_elements)
     assert len(list(convolution._blocks(cc._args.conv2d_geometry(
         xl.shape, wl.shape, case.stride, case.padding, case.dilation,
-        case.groups, layout), np.float64))) > 1
+        case.groups, layout), np.float64, tap_major=False))) > 1
     blocked = (cc.conv2d(xl, wl, bias, **kwargs),
                cc.conv2d_input(xl.shape, wl, gl, **kwargs),
                cc.conv2d_weight(xl, wl.shape, gl, **kwargs))
