@@ -500,13 +500,17 @@ def _forward_2x1(x, pool, want_indices):
 
     def block(plane, pair, buffers):
         block_best = best[plane, pair]  # contiguous: a whole plane or rows of one
-        bottom_wins, bottom = _bottom_wins(
-            windows[plane, pair], block_best, buffers)
         if want_indices:
+            bottom_wins, bottom = _bottom_wins(
+                windows[plane, pair], block_best, buffers)
             block_at = at[plane, pair]
             numpy.copyto(block_at, bottom_wins)  # 0 top, 1 bottom
             block_at *= pool.w
             block_at += top_at[pair]
+        else:  # the same copies, without the comparison only indices need
+            bottom = buffers.get("bottom", block_best.shape, block_best.dtype)
+            numpy.copyto(block_best, windows[plane, pair, 0])
+            numpy.copyto(bottom, windows[plane, pair, 1])
         # NaN-propagating, so equal to the pick (a tie of -0.0 and +0.0 may
         # give either zero).
         numpy.maximum(block_best, bottom, out=block_best)
