@@ -2,15 +2,19 @@
 its report generator, and its baseline implementations against PyTorch."""
 
 import copy
+import importlib
 import json
 
 import numpy as np
 import pytest
 
 import cupyconv
-from cupyconv.bench import SCHEMA, peers, report, run
+from cupyconv.bench import SCHEMA, peers, report, run, timing
+from cupyconv.bench import cases as cases_mod
 from cupyconv.bench.__main__ import main, parser
 from cupyconv.bench.cases import OPS
+
+run_mod = importlib.import_module("cupyconv.bench.run")
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +164,68 @@ def test_pool_and_dilation_baselines():
     np.testing.assert_array_equal(peers.loop_dilate(a, (0, 2), (1, 2)), dilated)
     np.testing.assert_array_equal(peers.plain_undilate(np, dilated, (0, 2), (1, 2)), a)
     np.testing.assert_array_equal(peers.loop_undilate(dilated, (0, 2), (1, 2)), a)
+
+
+def _logging_impl(name, calls, fail_at=None):
+    """A CPU implementation that records each call's name in ``calls``; its
+    own ``fail_at``-th call (counting from 1) and later ones raise."""
+    own = []
+
+    def run_impl(state):
+        calls.append(name)
+        own.append(name)
+        if fail_at is not None and len(own) >= fail_at:
+            raise RuntimeError("boom")
+        return state["x"]
+    return cases_mod.Impl(peer="cupyconv" if name == "first" else "plain", prepare=dict,
+                          run=run_impl, to_canonical=lambda out: (out,), detail=name)
+
+
+def _fake_case(impls):
+    return cases_mod.Case(
+        key="fake", op="dilate", group="memory", device="cpu", title="fake", dtype="float32",
+        shapes={"x": (4,)}, params={},
+        make_inputs=lambda xp, seed: {"x": np.full(4, seed, np.float32)},
+        impls=impls, bytes=16)
+
+
+def test_implementations_take_turns(monkeypatch):
+    """The timed calls of a case's implementations alternate in
+    timing.ROUNDS rounds, each turn after an untimed call, so a drifting
+    machine slows them alike; each row keeps all its timed calls."""
+    monkeypatch.setattr(timing, "CPU_TURN_WARMUP_S", 0.0)
+    calls = []
+    case = _fake_case([_logging_impl("first", calls), _logging_impl("second", calls)])
+    device = run_mod._Device("cpu", repeats=2 * timing.ROUNDS, quick=False)
+    record = run_mod.run_case(device, case, {"copy_gbps": 1.0, "matmul_tflops": {}},
+                              log=lambda line: None)
+    # Each turn: one untimed call and 2 timed ones; then one traced call each.
+    assert calls[-2:] == ["first", "second"]
+    turn_calls = calls[-2 - 2 * timing.ROUNDS * 3:-2]
+    turns = [turn_calls[i:i + 3] for i in range(0, len(turn_calls), 3)]
+    assert turns == [[name] * 3 for name in ["first", "second"] * timing.ROUNDS]
+    for row in record["timings"]:
+        assert row["repeats"] == 2 * timing.ROUNDS and "error" not in row
+
+
+@pytest.mark.parametrize("fail_at", [1, 4], ids=["while checked", "while timed"])
+def test_a_failing_implementation_is_reported_not_fatal(fail_at):
+    """Quick mode: the check call, one warm-up call, then per turn one
+    untimed call and the timed ones; the 4th call is in the first turn."""
+    calls = []
+    impls = [_logging_impl("first", calls), _logging_impl("bad", calls, fail_at),
+             _logging_impl("third", calls)]
+    device = run_mod._Device("cpu", repeats=3, quick=True)
+    record = run_mod.run_case(device, _fake_case(impls), {"copy_gbps": 1.0, "matmul_tflops": {}},
+                              log=lambda line: None)
+    rows = {row["detail"]: row for row in record["timings"]}
+    assert rows["bad"]["error"] == "RuntimeError: boom"
+    assert "median_s" not in rows["bad"]
+    assert rows["first"]["repeats"] == 3 and rows["third"]["repeats"] == 3
+    assert calls.count("bad") == fail_at  # never called again once it failed
+
+
+def test_round_counts_split_every_call():
+    for count in range(0, 30):
+        shares = timing.round_counts(count, timing.ROUNDS)
+        assert sum(shares) == count and max(shares) - min(shares, default=0) <= 1

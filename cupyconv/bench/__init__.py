@@ -26,15 +26,23 @@ Timing method
 * Every implementation runs once untimed and its outputs are compared with
   the first implementation's (cupyconv's): the maximum relative difference
   is recorded, so a peer computing something else cannot go unnoticed.
+* Every implementation of a case is prepared (its own copies of the
+  inputs), checked and warmed up; then they take turns in
+  :data:`~cupyconv.bench.timing.ROUNDS` rounds, each turn one untimed call
+  and a share of the timed calls, so that a machine whose speed drifts
+  during the run (other tenants of a virtual machine, clock changes) slows
+  every implementation alike instead of whichever ran at the wrong moment.
 * GPU: three warm-up calls (kernel compilation, cuDNN autotuning, memory-pool
-  growth), then N calls each bracketed by its own CUDA events (CuPy's or
-  PyTorch's, on the stream the library uses) with no host synchronisation in
-  between; the reported time is the median interval.  N is sized from a
-  warm-up call to fill about 0.3 s (10 to 200 calls) unless ``--repeats``.
-* CPU: ``time.perf_counter`` around each call after one warm-up call; the
-  median of N calls, N sized to fill about 0.7 s (3 to 25) unless
-  ``--repeats``.  Peak memory is ``tracemalloc``'s peak over one further call
-  (NumPy registers its buffers with tracemalloc; PyTorch's are invisible).
+  growth); then each timed call is bracketed by its own CUDA events (CuPy's
+  or PyTorch's, on the stream the library uses) with no host
+  synchronisation within a turn; the reported time is the median interval.
+  There are enough calls to fill about 0.3 s (10 to 200) unless
+  ``--repeats``.
+* CPU: untimed calls for at least 0.2 s, then ``time.perf_counter`` around
+  each timed call; the median of N calls, N sized to fill about 0.7 s (3 to
+  25) unless ``--repeats``.  Peak memory is ``tracemalloc``'s peak over one
+  further call (NumPy registers its buffers with tracemalloc; PyTorch's are
+  invisible).
 * References, measured in the same run: device-to-device copy bandwidth
   (1 GiB ``cudaMemcpy``; NumPy ``copyto`` of 64 MiB on the CPU), counted as
   read + write bytes, and the float32 matmul rate on an 8192x8192 (CPU:

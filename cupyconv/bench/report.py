@@ -5,6 +5,7 @@ nothing is measured."""
 import os
 import pathlib
 
+from . import timing
 from .cases import PEER_LABELS
 
 __all__ = ["text_table", "markdown", "plot_ratios", "slower_cases"]
@@ -306,10 +307,12 @@ def markdown(result, plot_path=None, plot_note=None, report_path=None):
         "See the docstring of `cupyconv.bench` for the full method. In short: inputs "
         "are generated once per case and several copies are cycled so that no call "
         "starts on data the previous call left in cache; every implementation is "
-        "warmed up first; CPU times are `time.perf_counter` medians, GPU times are "
-        "medians of per-call CUDA event intervals. Every implementation's result is "
-        "checked against cupyconv's before it is timed. Per-call times of every "
-        "variant are in the JSON output (`--json`).",
+        "warmed up first, then the implementations of a case take turns in "
+        f"{timing.ROUNDS} rounds (each turn after untimed calls) so that a drift in "
+        "the machine's speed hits them alike; CPU times are `time.perf_counter` "
+        "medians, GPU times are medians of per-call CUDA event intervals. Every "
+        "implementation's result is checked against cupyconv's before it is timed. "
+        "Per-call times of every variant are in the JSON output (`--json`).",
         "",
     ]
     return "\n".join(out)

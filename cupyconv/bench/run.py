@@ -2,6 +2,7 @@
 agree, and collect the results, the machine and the versions into one
 JSON-ready dict (schema :data:`SCHEMA`)."""
 
+import contextlib
 import datetime
 import gc
 import os
@@ -137,15 +138,35 @@ class _Device:
             return timing.gpu_references(self.xp, ["float32"], self.quick, self.repeats)
         return timing.cpu_references(self.quick, self.repeats)
 
-    def time(self, impl, states):
+    def warm_up(self, impl, states):
+        """Untimed calls; returns how many timed calls ``impl`` gets."""
         if self.name == "gpu":
-            kwargs = {"target_s": 0.02} if self.quick else {}
-            return timing.time_gpu(impl.run, states, self.clocks[impl.clock],
-                                   self.repeats, **kwargs), None
-        kwargs = {"target_s": 0.02, "warmup_s": 0.0} if self.quick else {}
-        result = timing.time_cpu(impl.run, states, self.repeats, **kwargs)
-        peak = timing.traced_peak(impl.run, states[0]) if impl.traced else None
-        return result, peak
+            per_call = timing.warm_up_gpu(impl.run, states, self.clocks[impl.clock])
+        else:
+            per_call = timing.warm_up_cpu(impl.run, states,
+                                          0.0 if self.quick else timing.CPU_WARMUP_S)
+        return timing.repeat_count(per_call, self.name, self.repeats,
+                                   0.02 if self.quick else None)
+
+    def rewarm(self, impl, states):
+        """Untimed calls before a turn: one on the GPU; on the CPU for
+        :data:`timing.CPU_TURN_WARMUP_S`, long enough for the previous
+        turn's library to put its spinning threads to sleep."""
+        if self.name == "gpu" or self.quick:
+            impl.run(states[0])
+        else:
+            timing.warm_up_cpu(impl.run, states, timing.CPU_TURN_WARMUP_S)
+
+    def timed(self, impl, states, count, first):
+        if self.name == "gpu":
+            return timing.timed_gpu(impl.run, states, self.clocks[impl.clock], count, first)
+        return timing.timed_cpu(impl.run, states, count, first)
+
+    def peak(self, impl, states):
+        """Peak traced bytes of one call (CPU only; None where not traced)."""
+        if self.name == "gpu" or not impl.traced:
+            return None
+        return timing.traced_peak(impl.run, states[0])
 
     def release(self):
         gc.collect()
@@ -155,27 +176,67 @@ class _Device:
                 self.torch.cuda.empty_cache()
 
 
-def _time_impl(device, case, impl, sets, reference):
-    """One implementation on one case -> (row dict, its canonical outputs)."""
-    row = {"peer": impl.peer, "label": cases_mod.PEER_LABELS[device.name][impl.peer],
-           "detail": impl.detail}
-    outputs = None
-    try:
-        with impl.context():
-            states = [impl.prepare(s) for s in sets]
-            outputs = impl.to_canonical(impl.run(states[0]))
-            row["max_rel_diff"] = (0.0 if reference is None
-                                   else _max_rel_diff(device.xp, outputs, reference))
-            result, peak = device.time(impl, states)
-        del states
-    except Exception as exc:  # a failing implementation is reported, not fatal
-        row["error"] = f"{type(exc).__name__}: {exc}"
-        return row, None
-    finally:
+class _Contender:
+    """One implementation of a case while it is timed: its result row, its
+    own copies of the inputs and its timed calls so far."""
+
+    def __init__(self, device, impl, sets, reference):
+        self.impl = impl
+        self.row = {"peer": impl.peer,
+                    "label": cases_mod.PEER_LABELS[device.name][impl.peer],
+                    "detail": impl.detail}
+        self.states, self.outputs, self.times, self.count = None, None, [], 0
+        self.seconds = 0.0
+        started = time.perf_counter()
+        with self._guard():
+            with impl.context():
+                self.states = [impl.prepare(s) for s in sets]
+                self.outputs = impl.to_canonical(impl.run(self.states[0]))
+                self.row["max_rel_diff"] = (
+                    0.0 if reference is None
+                    else _max_rel_diff(device.xp, self.outputs, reference))
+                self.count = device.warm_up(impl, self.states)
+        self.seconds += time.perf_counter() - started
+
+    @property
+    def failed(self):
+        return "error" in self.row
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """Record an exception as the row's error instead of raising: one
+        failing implementation is reported, not fatal."""
+        try:
+            yield
+        except Exception as exc:
+            self.row["error"] = f"{type(exc).__name__}: {exc}"
+            self.states = None
+
+    def take_turn(self, device, count):
+        """``count`` timed calls, after untimed ones that bring the
+        implementation's threads and caches back from the other turns."""
+        if self.failed or count == 0:
+            return
+        started = time.perf_counter()
+        with self._guard():
+            with self.impl.context():
+                device.rewarm(self.impl, self.states)
+                self.times += device.timed(self.impl, self.states, count,
+                                           first=1 + len(self.times))
+        self.seconds += time.perf_counter() - started
+
+    def finish(self, device):
+        """Fill the row from the timed calls; free the inputs."""
+        if not self.failed:
+            with self._guard():
+                with self.impl.context():
+                    peak = device.peak(self.impl, self.states)
+                result = timing.Timing(self.times)
+                self.row.update(median_s=result.median, min_s=result.minimum,
+                                repeats=result.repeats, times_s=result.times,
+                                peak_bytes=peak)
+        self.states = None
         device.release()
-    row.update(median_s=result.median, min_s=result.minimum, repeats=result.repeats,
-               times_s=result.times, peak_bytes=peak)
-    return row, outputs
 
 
 def _add_rates(row, case, refs):
@@ -209,20 +270,30 @@ def _summary(rows):
 
 
 def run_case(device, case, refs, log):
+    """Time every implementation of ``case``: each is prepared, checked
+    against the first (cupyconv) and warmed up, then all take turns in
+    :data:`timing.ROUNDS` rounds of timed calls."""
     copies = timing.copies_for(case.input_bytes, device.cache_bytes)
     sets = [case.make_inputs(device.xp, seed) for seed in range(copies)]
-    rows, reference = [], None
+    contenders, reference = [], None
     for impl in case.impls:
-        started = time.perf_counter()
-        row, outputs = _time_impl(device, case, impl, sets, reference)
-        if reference is None and outputs is not None:
-            reference = outputs
-            row["reference"] = True
-        _add_rates(row, case, refs)
-        rows.append(row)
-        log(_progress(case, row, time.perf_counter() - started))
+        contender = _Contender(device, impl, sets, reference)
+        if reference is None and contender.outputs is not None:
+            reference = contender.outputs
+            contender.row["reference"] = True
+        contender.outputs = None
+        contenders.append(contender)
     del sets, reference
-    device.release()
+    shares = [timing.round_counts(c.count, timing.ROUNDS) for c in contenders]
+    for r in range(timing.ROUNDS):
+        for contender, share in zip(contenders, shares):
+            contender.take_turn(device, share[r] if r < len(share) else 0)
+    rows = []
+    for contender in contenders:
+        contender.finish(device)
+        _add_rates(contender.row, case, refs)
+        rows.append(contender.row)
+        log(_progress(case, contender.row, contender.seconds))
     record = {
         "key": case.key, "op": case.op, "group": case.group, "device": case.device,
         "title": case.title, "dtype": case.dtype,

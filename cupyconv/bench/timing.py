@@ -10,10 +10,18 @@ import tracemalloc
 
 __all__ = [
     "Timing",
+    "ROUNDS",
+    "CPU_TURN_WARMUP_S",
+    "repeat_count",
+    "round_counts",
+    "copies_for",
+    "warm_up_cpu",
+    "timed_cpu",
     "time_cpu",
+    "warm_up_gpu",
+    "timed_gpu",
     "time_gpu",
     "traced_peak",
-    "copies_for",
     "cpu_references",
     "gpu_references",
 ]
@@ -25,6 +33,13 @@ CPU_REPEATS = (3, 25)
 CPU_WARMUP_S = 0.2
 CPU_WARMUP_CALLS = 50
 GPU_REPEATS = (10, 200)
+#: The implementations of a case take turns in this many rounds, so that a
+#: machine whose speed drifts (other tenants, clocks) slows all of them alike.
+ROUNDS = 3
+#: Untimed calls before each CPU turn last this long: BLAS and OpenMP worker
+#: threads of the library that ran before spin for up to about 0.1 s after
+#: its last call, taking cores from the next one.
+CPU_TURN_WARMUP_S = 0.15
 
 
 class Timing:
@@ -46,11 +61,22 @@ class Timing:
         return len(self.times)
 
 
-def _repeat_count(seconds_per_call, target, bounds, repeats):
+def repeat_count(seconds_per_call, device, repeats=None, target_s=None):
+    """Timed calls for one implementation: ``repeats`` if given, else enough
+    to fill about ``target_s`` (default per device), within the device's
+    bounds."""
     if repeats is not None:
         return repeats
-    low, high = bounds
+    target = target_s if target_s is not None else (CPU_TARGET_S if device == "cpu"
+                                                    else GPU_TARGET_S)
+    low, high = CPU_REPEATS if device == "cpu" else GPU_REPEATS
     return max(low, min(high, int(target / max(seconds_per_call, 1e-9))))
+
+
+def round_counts(count, rounds):
+    """Split ``count`` timed calls into at most ``rounds`` nearly equal shares."""
+    rounds = max(1, min(rounds, count))
+    return [count // rounds + (r < count % rounds) for r in range(rounds)]
 
 
 def copies_for(input_bytes, cache_bytes, limit=4):
@@ -62,13 +88,10 @@ def copies_for(input_bytes, cache_bytes, limit=4):
     return max(2, min(limit, math.ceil(2 * cache_bytes / input_bytes)))
 
 
-def time_cpu(fn, states, repeats=None, target_s=CPU_TARGET_S, warmup_s=CPU_WARMUP_S):
-    """Median-able wall times of ``fn(state)``, cycling through ``states``.
-
-    Untimed warm-up calls first, for at least ``warmup_s`` (thread pools
-    of BLAS and PyTorch wake up, caches and allocators settle); the last one's
-    duration sizes the number of timed calls when ``repeats`` is None.
-    """
+def warm_up_cpu(fn, states, warmup_s=CPU_WARMUP_S):
+    """Untimed calls of ``fn(state)`` for at least ``warmup_s`` (thread
+    pools of BLAS and PyTorch wake up, caches and allocators settle); returns
+    the last call's duration in seconds."""
     warm_until = time.perf_counter() + warmup_s
     for i in range(CPU_WARMUP_CALLS):
         start = time.perf_counter()
@@ -76,14 +99,26 @@ def time_cpu(fn, states, repeats=None, target_s=CPU_TARGET_S, warmup_s=CPU_WARMU
         per_call = time.perf_counter() - start
         if start + per_call >= warm_until:
             break
-    count = _repeat_count(per_call, target_s, CPU_REPEATS, repeats)
+    return per_call
+
+
+def timed_cpu(fn, states, count, first=0):
+    """Wall times (seconds) of ``count`` calls of ``fn(state)``, cycling
+    through ``states`` from index ``first``."""
     times = []
-    for i in range(count):
-        state = states[(i + 1) % len(states)]
+    for i in range(first, first + count):
+        state = states[i % len(states)]
         start = time.perf_counter()
         fn(state)
         times.append(time.perf_counter() - start)
-    return Timing(times)
+    return times
+
+
+def time_cpu(fn, states, repeats=None, target_s=CPU_TARGET_S, warmup_s=CPU_WARMUP_S):
+    """Warm-up, then timed calls of one implementation alone."""
+    per_call = warm_up_cpu(fn, states, warmup_s)
+    count = repeat_count(per_call, "cpu", repeats, target_s)
+    return Timing(timed_cpu(fn, states, count, first=1))
 
 
 def traced_peak(fn, state):
@@ -135,32 +170,43 @@ class TorchClock:
         return start.elapsed_time(end) / 1e3
 
 
-def time_gpu(fn, states, clock, repeats=None, target_s=GPU_TARGET_S):
-    """Per-call GPU times of ``fn(state)`` from CUDA events, cycling ``states``.
-
-    Warm-up: three calls (compilation, cuDNN autotuning, memory-pool growth),
-    then synchronise.  Each timed call is bracketed by its own pair of events
-    and the host does not wait between calls, so when the GPU is the
-    bottleneck the launches queue up and each interval is the call's device
-    time; when the host is the bottleneck (tiny ops) the interval includes the
-    Python dispatch cost the user pays too.
-    """
+def warm_up_gpu(fn, states, clock):
+    """Three untimed calls (compilation, cuDNN autotuning, memory-pool
+    growth), then one more timed by the host after synchronising: its
+    duration in seconds sizes the timed calls."""
     for i in range(3):
         fn(states[i % len(states)])
     clock.synchronize()
     start = time.perf_counter()
     fn(states[0])
     clock.synchronize()
-    per_call = time.perf_counter() - start
-    count = _repeat_count(per_call, target_s, GPU_REPEATS, repeats)
+    return time.perf_counter() - start
+
+
+def timed_gpu(fn, states, clock, count, first=0):
+    """Per-call GPU times (seconds) of ``count`` calls of ``fn(state)`` from
+    CUDA events, cycling ``states`` from index ``first``.
+
+    Each call is bracketed by its own pair of events and the host does not
+    wait between calls, so when the GPU is the bottleneck the launches queue
+    up and each interval is the call's device time; when the host is the
+    bottleneck (tiny ops) the interval includes the Python dispatch cost the
+    user pays too.  The device is idle again on return.
+    """
     events = [(clock.event(), clock.event()) for _ in range(count)]
-    for i, (begin, end) in enumerate(events):
-        state = states[(i + 1) % len(states)]
+    for i, (begin, end) in enumerate(events, start=first):
         clock.record(begin)
-        fn(state)
+        fn(states[i % len(states)])
         clock.record(end)
     clock.synchronize()
-    return Timing([clock.elapsed_s(begin, end) for begin, end in events])
+    return [clock.elapsed_s(begin, end) for begin, end in events]
+
+
+def time_gpu(fn, states, clock, repeats=None, target_s=GPU_TARGET_S):
+    """Warm-up, then timed calls of one implementation alone."""
+    per_call = warm_up_gpu(fn, states, clock)
+    count = repeat_count(per_call, "gpu", repeats, target_s)
+    return Timing(timed_gpu(fn, states, clock, count, first=1))
 
 
 def cpu_references(quick, repeats=None):
