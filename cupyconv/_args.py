@@ -90,6 +90,22 @@ def check_ndim(a, ndim, name):
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
 
 
+def native(a, xp):
+    """``a`` as an ``xp`` array in the machine's byte order (a big-endian
+    NumPy array is converted, as NumPy's own arithmetic does)."""
+    a = xp.asarray(a)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return a
+
+
+def images(a, name, xp):
+    """``a`` as a 4-D ``xp`` array in the machine's byte order."""
+    a = native(a, xp)
+    check_ndim(a, 4, name)
+    return a
+
+
 def spatial_shape(shape, layout):
     """``(N, C, H, W)`` of a 4-D shape in ``layout``."""
     if layout == "NHWC":
@@ -131,13 +147,14 @@ def conv_padding(padding, kernel, stride, dilation, size):
     ``padding`` is an int, ``(ph, pw)``, ``((top, bottom), (left, right))``,
     ``"valid"`` (no padding) or ``"same"`` (output size ``ceil(size/stride)``;
     an odd total puts the extra row/column at the bottom/right, as JAX and
-    TensorFlow do).  ``kernel``, ``stride``, ``dilation`` and ``size`` are
-    ``(h, w)`` pairs.
+    TensorFlow do); the strings in any case, as JAX spells them "VALID" and
+    "SAME".  ``kernel``, ``stride``, ``dilation`` and ``size`` are ``(h, w)``
+    pairs.
     """
     if isinstance(padding, str):
-        if padding == "valid":
+        if padding.lower() == "valid":
             return ((0, 0), (0, 0))
-        if padding == "same":
+        if padding.lower() == "same":
             result = []
             for k, s, d, n in zip(kernel, stride, dilation, size):
                 out = -(-n // s)

@@ -73,7 +73,8 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
         axis, ``((top, bottom), (left, right))``, ``'valid'`` (none) or
         ``'same'``: ``OH = ceil(H / sh)``, ``OW = ceil(W / sw)``, with the
         extra row or column of an odd total at the bottom or right (as JAX and
-        TensorFlow place it).
+        TensorFlow place it).  The strings may be in any case (JAX's
+        ``'SAME'`` and ``'VALID'``).
     dilation : int or (int, int), optional
         ``(dh, dw)``, the spacing of kernel taps, each >= 1.
     groups : int, optional
@@ -129,10 +130,8 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
     (2, 8, 4, 3)
     """
     xp = _backend.dispatch(x=x, w=w, bias=bias)
-    x, w = xp.asarray(x), xp.asarray(w)
-    bias = None if bias is None else xp.asarray(bias)
-    _args.check_ndim(x, 4, "x")
-    _args.check_ndim(w, 4, "w")
+    x, w = _args.images(x, "x", xp), _args.images(w, "w", xp)
+    bias = None if bias is None else _args.native(bias, xp)
     geom = _args.conv2d_geometry(x.shape, w.shape, stride, padding, dilation,
                                  groups, layout)
     _args.common_float_dtype(x=x, w=w, bias=bias)
@@ -210,9 +209,8 @@ def conv2d_input(input_shape, w, grad_out, *, stride=1, padding=0, dilation=1,
     array([4.])
     """
     xp = _backend.dispatch(w=w, grad_out=grad_out)
-    w, grad_out = xp.asarray(w), xp.asarray(grad_out)
+    w, grad_out = _args.images(w, "w", xp), _args.native(grad_out, xp)
     input_shape = _args.shape_arg(input_shape, 4, "input_shape")
-    _args.check_ndim(w, 4, "w")
     geom = _args.conv2d_geometry(input_shape, w.shape, stride, padding,
                                  dilation, groups, layout, x_name="input_shape")
     _check_grad_out(grad_out, geom)
@@ -282,8 +280,7 @@ def conv2d_weight(x, weight_shape, grad_out, *, stride=1, padding=0,
     array([4.])
     """
     xp = _backend.dispatch(x=x, grad_out=grad_out)
-    x, grad_out = xp.asarray(x), xp.asarray(grad_out)
-    _args.check_ndim(x, 4, "x")
+    x, grad_out = _args.images(x, "x", xp), _args.native(grad_out, xp)
     weight_shape = _args.shape_arg(weight_shape, 4, "weight_shape")
     geom = _args.conv2d_geometry(x.shape, weight_shape, stride, padding,
                                  dilation, groups, layout, w_name="weight_shape")

@@ -70,15 +70,6 @@ class _Pool(NamedTuple):
         return self.n * self.c, self.w, 1
 
 
-def _as_images(a, name, xp):
-    """``a`` as a 4-D array of native byte order."""
-    a = xp.asarray(a)
-    _args.check_ndim(a, 4, name)
-    if not a.dtype.isnative:
-        a = a.astype(a.dtype.newbyteorder("="))
-    return a
-
-
 def _normalize(x, kernel_size, stride, padding, dilation, ceil_mode, layout):
     layout = _args.check_layout(layout)
     kernel, stride, padding, dilation = _args.pool_window(
@@ -172,7 +163,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
            [13., 14., 15., 15.]])
     """
     xp = _backend.dispatch(x=x)
-    x = _as_images(x, "x", xp)
+    x = _args.images(x, "x", xp)
     if x.dtype.name not in _kernels.POOL_TYPES:
         raise TypeError(
             f"x must have a float or integer dtype, got {x.dtype}")
@@ -249,8 +240,8 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
            [ 0., 20.]])
     """
     xp = _backend.dispatch(grad_out=grad_out, x=x, indices=indices)
-    grad_out = _as_images(grad_out, "grad_out", xp)
-    x = _as_images(x, "x", xp)
+    grad_out = _args.images(grad_out, "grad_out", xp)
+    x = _args.images(x, "x", xp)
     _args.common_float_dtype(grad_out=grad_out, x=x)
     pool = _normalize(x, kernel_size, stride, padding, dilation, ceil_mode, layout)
     if grad_out.shape != pool.out_shape:
@@ -258,7 +249,7 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
             f"grad_out must have the output's shape {pool.out_shape}, "
             f"got {grad_out.shape}")
     if indices is not None:
-        indices = xp.asarray(indices)
+        indices = _args.native(indices, xp)
         if indices.dtype != numpy.int64:
             raise TypeError(f"indices must be int64, got {indices.dtype}")
         if indices.shape != pool.out_shape:

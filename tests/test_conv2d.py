@@ -318,6 +318,27 @@ def test_non_contiguous_inputs(layout):
                cc.conv2d_weight(xs, wl.shape, gs, **kwargs))
     for result, exact in zip(results, expected):
         np.testing.assert_allclose(result, exact, rtol=1e-12, atol=1e-12)
+    swapped = tuple(a.astype(a.dtype.newbyteorder(">" if np.little_endian else "<"))
+                    for a in (xl, wl, bias, gl))
+    xb, wb, bb, gb = swapped
+    results = (cc.conv2d(xb, wb, bb, **kwargs),
+               cc.conv2d_input(xl.shape, wb, gb, **kwargs),
+               cc.conv2d_weight(xb, wl.shape, gb, **kwargs))
+    for result, exact in zip(results, expected):
+        assert result.dtype == np.float64  # native byte order, like NumPy's arithmetic
+        np.testing.assert_array_equal(result, exact)
+
+
+@pytest.mark.parametrize("spelling", ["same", "SAME", "valid", "VALID"])
+def test_padding_strings_in_either_case(spelling):
+    """JAX spells the padding strings in capitals."""
+    case = Case(2, 7, 6, 2, 3, (3, 2), stride=(2, 1), padding=spelling.lower())
+    x, w, bias, _ = case.arrays()
+    np.testing.assert_array_equal(cc.conv2d(x, w, padding=spelling, stride=(2, 1)),
+                                  cc.conv2d(x, w, padding=spelling.lower(), stride=(2, 1)))
+    y_ref = reference(x, w, None, case.stride, case.explicit_padding, case.dilation, 1)[0]
+    np.testing.assert_allclose(cc.conv2d(x, w, padding=spelling, stride=(2, 1)), y_ref,
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_array_likes_and_no_bias():
