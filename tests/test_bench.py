@@ -1,9 +1,13 @@
 """Smoke test of ``python -m cupyconv.bench`` (tiny sizes, no timing claims),
-its report generator, and its baseline implementations against PyTorch."""
+its runner (turns, failures), its GPU part on a stand-in device, its report
+generator, and its baseline implementations against PyTorch."""
 
 import copy
 import importlib
 import json
+import sys
+import time
+import types
 
 import numpy as np
 import pytest
@@ -13,6 +17,8 @@ from cupyconv.bench import SCHEMA, peers, report, run, timing
 from cupyconv.bench import cases as cases_mod
 from cupyconv.bench.__main__ import main, parser
 from cupyconv.bench.cases import OPS
+
+import cpu_cuda
 
 run_mod = importlib.import_module("cupyconv.bench.run")
 
@@ -229,3 +235,78 @@ def test_round_counts_split_every_call():
     for count in range(0, 30):
         shares = timing.round_counts(count, timing.ROUNDS)
         assert sum(shares) == count and max(shares) - min(shares, default=0) <= 1
+
+
+class _StandInClock:
+    """CUDA events of the stand-in device: host clock readings."""
+
+    class Event:
+        def record(self):
+            self.at = time.perf_counter()
+
+    @staticmethod
+    def get_elapsed_time(start, end):
+        return (end.at - start.at) * 1e3  # milliseconds, as CuPy returns
+
+
+def _stand_in_cupy():
+    """A ``cupy`` module whose arrays are NumPy arrays: with the CPU executor
+    as kernel provider, cupyconv runs its CUDA kernels on them."""
+    module = types.ModuleType("cupy")
+    module.__getattr__ = lambda name: getattr(np, name)
+    module.__version__ = "stand-in"
+    module.ndarray = type("NotACupyArray", (), {})  # NumPy arrays stay NumPy arrays
+    stream = types.SimpleNamespace(synchronize=lambda: None)
+    module.cuda = types.SimpleNamespace(
+        Event=_StandInClock.Event,
+        get_elapsed_time=_StandInClock.get_elapsed_time,
+        get_current_stream=lambda: stream,
+        Device=lambda *args: types.SimpleNamespace(id=0, compute_capability="90"),
+        runtime=types.SimpleNamespace(
+            getDeviceCount=lambda: 1, getDevice=lambda: 0, runtimeGetVersion=lambda: 13000,
+            getDeviceProperties=lambda i: {"name": b"CPU executor", "l2CacheSize": 2**20}),
+    )
+    module.random = types.SimpleNamespace(RandomState=lambda seed: types.SimpleNamespace(
+        standard_normal=lambda shape, dtype: np.random.default_rng(seed).standard_normal(
+            shape, dtype=dtype)))
+    pool = types.SimpleNamespace(free_all_blocks=lambda: None)
+    module.get_default_memory_pool = lambda: pool
+    return module
+
+
+@pytest.mark.cpu_kernels
+def test_gpu_part_on_a_stand_in_device(cpu_kernels, monkeypatch, tmp_path):
+    """The GPU part end to end (cases, CUDA-event timing, references, rounds,
+    report) on a stand-in ``cupy`` whose arrays are NumPy arrays and whose
+    kernels run in the CPU executor.  Only the device copy is replaced."""
+    stand_in = _stand_in_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", stand_in)
+    monkeypatch.setattr(cupyconv._backend, "_probe_gpu", lambda: (stand_in, None))
+    monkeypatch.setattr(timing, "_device_copy", lambda pair: np.copyto(pair[1], pair[0]))
+    monkeypatch.setattr(timing, "gpu_references", lambda *args, **kwargs: {
+        "copy_gbps": 1.0, "copy_bytes": 1, "matmul_tflops": {"float32": 1.0}, "matmul_n": 1})
+    launched_before = sum(cpu_cuda.LAUNCHED.values())
+    result = run(devices=("gpu",), quick=True, repeats=2, log=lambda line: None)
+    assert sum(cpu_cuda.LAUNCHED.values()) > launched_before  # cupyconv ran its kernels
+    assert result["skipped"] == [{"part": "gpu PyTorch peer",
+                                  "reason": cases_mod.import_torch("gpu")[1]}]
+    assert {r["op"] for r in result["results"]} == set(OPS)
+    tol = result["settings"]["agreement_tolerance"]
+    for record in result["results"]:
+        assert record["device"] == "gpu"
+        labels = {row["label"] for row in record["timings"]}
+        assert "cupyconv (CUDA kernels)" in labels
+        for row in record["timings"]:
+            assert "error" not in row, (record["title"], row)
+            assert row["repeats"] == 2 and row["peak_bytes"] is None
+            assert row["max_rel_diff"] <= tol, (record["title"], row)
+    text = report.markdown(result, None, "no plot")
+    assert "## GPU results" in text and "CPU executor" in text
+
+
+def test_gpu_references_on_the_stand_in(monkeypatch):
+    """The reference measurements' own code (copy and matmul timing)."""
+    stand_in = _stand_in_cupy()
+    monkeypatch.setattr(timing, "_device_copy", lambda pair: np.copyto(pair[1], pair[0]))
+    refs = timing.gpu_references(stand_in, ["float32"], quick=True, repeats=1)
+    assert refs["copy_gbps"] > 0 and refs["matmul_tflops"]["float32"] > 0
