@@ -310,3 +310,19 @@ def test_gpu_references_on_the_stand_in(monkeypatch):
     monkeypatch.setattr(timing, "_device_copy", lambda pair: np.copyto(pair[1], pair[0]))
     refs = timing.gpu_references(stand_in, ["float32"], quick=True, repeats=1)
     assert refs["copy_gbps"] > 0 and refs["matmul_tflops"]["float32"] > 0
+
+
+def test_core_speed_probe_and_uneven_cores_warning(quick_run):
+    """The report shows each core's probe time and warns when they differ."""
+    result = copy.deepcopy(quick_run[1])
+    speeds = result["machine"]["core_speed_ms"]
+    if speeds is not None:  # None where threads cannot be pinned
+        assert len(speeds) == result["machine"]["cpu_cores_usable"]
+        assert all(ms > 0 for ms in speeds.values())
+    result["machine"]["core_speed_ms"] = {"0": 7.0, "1": 7.2}
+    result["machine"]["core_speed_ms_end"] = {"0": 7.1, "1": 7.0}
+    text = report.markdown(result, None, "no plot")
+    assert "core 0: 7.0, core 1: 7.2" in text and "unequal speed" not in text
+    result["machine"]["core_speed_ms_end"] = {"0": 7.1, "1": 10.4}
+    assert "at the end of this run the cores ran at unequal speed" in report.markdown(
+        result, None, "no plot")

@@ -51,6 +51,11 @@ Timing method
   as a share of the copy bandwidth; convolutions report FLOP/s
   (``2*N*Ho*Wo*C_out*kh*kw*C_in``, three times that with both gradients) as
   a share of the matmul rate.
+* Machine state: the load average and a single-core probe (a fixed Python
+  loop pinned to each core in turn) at the start and the end of the run.  A
+  shared virtual machine may give one core less time than another; BLAS
+  splits a product evenly across its threads and waits for the slowest,
+  so the report warns when the probe times differ by more than 20%.
 * ``OMP_WAIT_POLICY=PASSIVE`` is set (unless already set) before PyTorch
   is imported: PyTorch's OpenMP workers otherwise spin between calls and,
   on a machine with few cores, starve the BLAS threads NumPy uses in the

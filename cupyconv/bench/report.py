@@ -148,6 +148,10 @@ def _machine_section(result):
         if m.get(key):
             rows.append([f"load average at {when} (1, 5, 15 min)",
                          ", ".join(f"{v:.2f}" for v in m[key])])
+    for key, when in (("core_speed_ms", "start"), ("core_speed_ms_end", "end")):
+        if m.get(key):
+            rows.append([f"single-core probe at {when} (ms per core, lower is faster)",
+                         ", ".join(f"core {c}: {ms:.1f}" for c, ms in m[key].items())])
     rows.append(["OMP_WAIT_POLICY", result["settings"].get("omp_wait_policy", "-")])
     rows += [[name, value if value is not None else "not installed"]
              for name, value in v.items()]
@@ -232,6 +236,24 @@ def _busy_warning(result):
             f"keeps every per-call time for a closer look.")
 
 
+#: Cores whose probe times differ by more than this factor are unequal.
+UNEVEN_CORES = 1.2
+
+
+def _uneven_cores_warning(result):
+    """A warning when some core ran slower than another at the start or end."""
+    m = result["machine"]
+    for key, when in (("core_speed_ms", "start"), ("core_speed_ms_end", "end")):
+        speeds = list((m.get(key) or {}).values())
+        if len(speeds) > 1 and max(speeds) > UNEVEN_CORES * min(speeds):
+            return (f"**Note:** at the {when} of this run the cores ran at unequal speed "
+                    f"(single-core probe {min(speeds):.1f} to {max(speeds):.1f} ms; on a "
+                    f"virtual machine another tenant shares the slower one). Calls that "
+                    f"split their work evenly across threads wait for the slowest core: "
+                    f"OpenBLAS, which cupyconv's NumPy conv2d uses, more than PyTorch.")
+    return None
+
+
 def markdown(result, plot_path=None, plot_note=None, report_path=None):
     """The benchmarks page; ``plot_path`` is linked relative to ``report_path``."""
     out = [
@@ -258,9 +280,9 @@ def markdown(result, plot_path=None, plot_note=None, report_path=None):
         *_references_section(result),
         "",
     ]
-    busy = _busy_warning(result)
-    if busy:
-        out += [busy, ""]
+    for warning in (_busy_warning(result), _uneven_cores_warning(result)):
+        if warning:
+            out += [warning, ""]
     for skipped in result["skipped"]:
         out += [f"**Skipped {skipped['part']}:** {skipped['reason']}", ""]
     for device in _devices(result):

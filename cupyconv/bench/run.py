@@ -48,6 +48,35 @@ def _cpu_cache_bytes():
     return max(sizes, default=32 * 2**20)
 
 
+def _count_ms():
+    start = time.perf_counter()
+    total = 0
+    for i in range(200_000):
+        total += i
+    return (time.perf_counter() - start) * 1e3
+
+
+def core_speeds_ms():
+    """Median milliseconds of a fixed single-threaded loop on each usable
+    core, run pinned to it (None where threads cannot be pinned).
+
+    On a shared virtual machine a core whose physical core is busy with
+    another tenant runs slower; calls that split their work evenly across
+    threads (BLAS) then wait for it, which this probe makes visible.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    speeds = {}
+    try:
+        for core in cores:
+            os.sched_setaffinity(0, {core})  # this thread only
+            speeds[str(core)] = round(sorted(_count_ms() for _ in range(5))[2], 2)
+    finally:
+        os.sched_setaffinity(0, cores)
+    return speeds
+
+
 def machine_info():
     info = {
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -62,6 +91,7 @@ def machine_info():
                 info["memory_gib"] = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
+    info["core_speed_ms"] = core_speeds_ms()
     backend = cupyconv.backend_info()
     info["gpu"] = backend.get("device")
     info["gpu_unavailable_reason"] = cupyconv.gpu_unavailable_reason()
@@ -347,6 +377,7 @@ def run(devices=("cpu", "gpu"), ops=cases_mod.OPS, quick=False, repeats=None, lo
         "skipped": [],
         "results": [],
     }
+    log(f"single-core probe (ms per core): {result['machine']['core_speed_ms']}")
     for name in devices:
         if name == "gpu" and not cupyconv.gpu_available():
             result["skipped"].append({"part": "gpu", "reason": cupyconv.gpu_unavailable_reason()})
@@ -366,4 +397,5 @@ def run(devices=("cpu", "gpu"), ops=cases_mod.OPS, quick=False, repeats=None, lo
     result["wall_s"] = time.perf_counter() - started
     if hasattr(os, "getloadavg"):
         result["machine"]["load_average_end"] = list(os.getloadavg())
+    result["machine"]["core_speed_ms_end"] = core_speeds_ms()
     return result
