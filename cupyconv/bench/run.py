@@ -48,16 +48,21 @@ def _cpu_cache_bytes():
     return max(sizes, default=32 * 2**20)
 
 
-def _count_ms():
+def _probe_ms(buffers):
+    """One probe: a Python loop and two copies of an 8 MiB buffer (both the
+    core's own speed and its access to memory count)."""
+    src, dst = buffers
     start = time.perf_counter()
     total = 0
-    for i in range(200_000):
+    for i in range(100_000):
         total += i
+    numpy.copyto(dst, src)
+    numpy.copyto(src, dst)
     return (time.perf_counter() - start) * 1e3
 
 
 def core_speeds_ms():
-    """Median milliseconds of a fixed single-threaded loop on each usable
+    """Median milliseconds of a fixed single-threaded probe on each usable
     core, run pinned to it (None where threads cannot be pinned).
 
     On a shared virtual machine a core whose physical core is busy with
@@ -67,11 +72,12 @@ def core_speeds_ms():
     if not hasattr(os, "sched_setaffinity"):
         return None
     cores = sorted(os.sched_getaffinity(0))
+    buffers = (numpy.ones(2**21, numpy.float32), numpy.empty(2**21, numpy.float32))
     speeds = {}
     try:
         for core in cores:
             os.sched_setaffinity(0, {core})  # this thread only
-            speeds[str(core)] = round(sorted(_count_ms() for _ in range(5))[2], 2)
+            speeds[str(core)] = round(sorted(_probe_ms(buffers) for _ in range(5))[2], 2)
     finally:
         os.sched_setaffinity(0, cores)
     return speeds
