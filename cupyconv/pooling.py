@@ -14,15 +14,12 @@ CNNs this package serves -- has its own path on both devices; on the CPU it
 runs in cache-sized blocks spread over the cores' threads.
 """
 
-import concurrent.futures
-import functools
 import math
-import os
 from typing import NamedTuple
 
 import numpy
 
-from . import _args, _backend, _kernels
+from . import _args, _backend, _kernels, _parallel
 
 __all__ = ["max_pool2d", "max_pool2d_backward"]
 
@@ -388,16 +385,6 @@ def _backward(grad_out, indices, pool):
 
 #: Bytes of input per block of the 2x1 path.
 _BLOCK_BYTES = 1 << 21
-_CPUS = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-         else os.cpu_count() or 1)
-
-
-@functools.cache
-def _workers():
-    return concurrent.futures.ThreadPoolExecutor(
-        _CPUS - 1, thread_name_prefix="cupyconv-pool")
-
-
 def _blocks(pool, itemsize):
     """(plane slice, window-row slice) blocks covering the 2x1 windows, each
     about ``_BLOCK_BYTES`` of input: whole planes when they are smaller, else
@@ -431,24 +418,15 @@ class _Buffers:
         return flat[:size].reshape(shape)
 
 
-def _run(work, blocks):
-    buffers = _Buffers()
-    for planes, windows in blocks:
-        work(planes, windows, buffers)
-
-
 def _in_blocks(work, blocks):
-    """``work(planes, windows, buffers)`` for every block; the calling thread
-    and up to ``_CPUS - 1`` pool threads each take every ``_CPUS``-th
-    block."""
-    shares = min(_CPUS, len(blocks))
-    if shares <= 1:
-        return _run(work, blocks)
-    others = [_workers().submit(_run, work, blocks[i::shares])
-              for i in range(1, shares)]
-    _run(work, blocks[0::shares])
-    for share in others:
-        share.result()
+    """``work(planes, windows, buffers)`` for every block, the blocks shared
+    among the cores' threads (see :mod:`cupyconv._parallel`)."""
+    def run_share(share):
+        buffers = _Buffers()
+        for planes, windows in share:
+            work(planes, windows, buffers)
+
+    _parallel.for_each_share(run_share, blocks)
 
 
 def _pair_positions(pool, pairs):

@@ -100,6 +100,37 @@ def test_non_contiguous_inputs(make_view):
     assert und.flags.c_contiguous
 
 
+@pytest.mark.parametrize("cpus", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.bool_, np.float16, np.int32, np.complex128, object])
+@pytest.mark.parametrize(
+    "make_view",
+    [lambda a: a, lambda a: a[..., ::2], lambda a: a[:, ::-1, :, ::-1],
+     lambda a: np.moveaxis(a, 3, 1)],
+    ids=["contiguous", "strided-last", "reversed", "moved"],
+)
+@pytest.mark.parametrize("axes, dilation", [((1, 2), (1, 2)), (0, 3), (2, 1), ((0, 3), 1)])
+def test_runs_and_threads(monkeypatch, cpus, dtype, make_view, axes, dilation):
+    """The NumPy path moves trailing undilated axes as one item and splits
+    copies among the cores (forced here for small arrays): same results for
+    every layout, dtype and core count."""
+    from cupyconv import _parallel
+
+    monkeypatch.setattr(_parallel, "CPUS", cpus)
+    monkeypatch.setattr(_parallel, "MIN_PARALLEL_BYTES", 0)
+    rng = np.random.default_rng(3)
+    a = make_view(random_array(rng, (5, 4, 3, 6), np.int64).astype(dtype))
+    norm_axes = tuple(np.atleast_1d(axes) % a.ndim)
+    norm_dil = (dilation,) * len(norm_axes) if np.isscalar(dilation) else dilation
+    out = cc.dilate(a, axes, dilation)
+    np.testing.assert_array_equal(out, reference_dilate(a, norm_axes, norm_dil))
+    assert out.dtype == a.dtype and out.flags.c_contiguous
+    back = cc.undilate(out, axes, dilation)
+    np.testing.assert_array_equal(back, a)
+    und = cc.undilate(a, axes, dilation)
+    np.testing.assert_array_equal(und, reference_undilate(a, norm_axes, norm_dil))
+    assert und.dtype == a.dtype and und.flags.c_contiguous
+
+
 def test_undilate_returns_new_array_even_when_nothing_is_removed():
     a = np.arange(6).reshape(2, 3)
     out = cc.undilate(a, (0, 1), 0)
