@@ -99,8 +99,9 @@ def native(a, xp):
     return a
 
 
-def images(a, name, xp):
-    """``a`` as a 4-D ``xp`` array in the machine's byte order."""
+def native_4d(a, name, xp):
+    """``a`` as a 4-D ``xp`` array in the machine's byte order; ``name`` is
+    the argument's name for the error."""
     a = native(a, xp)
     check_ndim(a, 4, name)
     return a

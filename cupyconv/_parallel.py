@@ -50,7 +50,7 @@ def copyto(dst, src):
     if parts <= 1 or dst.nbytes < MIN_PARALLEL_BYTES:
         numpy.copyto(dst, src)
         return
-    bounds = [len_ * dst.shape[0] // parts for len_ in range(parts + 1)]
+    bounds = [i * dst.shape[0] // parts for i in range(parts + 1)]
     slices = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
     def copy(share):

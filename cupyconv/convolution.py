@@ -130,7 +130,7 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
     (2, 8, 4, 3)
     """
     xp = _backend.dispatch(x=x, w=w, bias=bias)
-    x, w = _args.images(x, "x", xp), _args.images(w, "w", xp)
+    x, w = _args.native_4d(x, "x", xp), _args.native_4d(w, "w", xp)
     bias = None if bias is None else _args.native(bias, xp)
     geom = _args.conv2d_geometry(x.shape, w.shape, stride, padding, dilation,
                                  groups, layout)
@@ -209,7 +209,7 @@ def conv2d_input(input_shape, w, grad_out, *, stride=1, padding=0, dilation=1,
     array([4.])
     """
     xp = _backend.dispatch(w=w, grad_out=grad_out)
-    w, grad_out = _args.images(w, "w", xp), _args.native(grad_out, xp)
+    w, grad_out = _args.native_4d(w, "w", xp), _args.native(grad_out, xp)
     input_shape = _args.shape_arg(input_shape, 4, "input_shape")
     geom = _args.conv2d_geometry(input_shape, w.shape, stride, padding,
                                  dilation, groups, layout, x_name="input_shape")
@@ -280,7 +280,7 @@ def conv2d_weight(x, weight_shape, grad_out, *, stride=1, padding=0,
     array([4.])
     """
     xp = _backend.dispatch(x=x, grad_out=grad_out)
-    x, grad_out = _args.images(x, "x", xp), _args.native(grad_out, xp)
+    x, grad_out = _args.native_4d(x, "x", xp), _args.native(grad_out, xp)
     weight_shape = _args.shape_arg(weight_shape, 4, "weight_shape")
     geom = _args.conv2d_geometry(x.shape, weight_shape, stride, padding,
                                  dilation, groups, layout, w_name="weight_shape")

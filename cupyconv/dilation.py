@@ -190,8 +190,8 @@ def _as_runs(a, merged):
     """``a`` with its last ``merged`` axes viewed as one opaque item."""
     if merged == 0:
         return a
-    lead = a.shape[:a.ndim - merged]
-    run = numpy.dtype((numpy.void, a.itemsize * (a.size // max(1, math.prod(lead)))))
+    lead, tail = a.shape[:a.ndim - merged], a.shape[a.ndim - merged:]
+    run = numpy.dtype((numpy.void, a.itemsize * math.prod(tail)))
     return a.reshape(lead + (-1,)).view(run)[..., 0]
 
 

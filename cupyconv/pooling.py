@@ -160,7 +160,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
            [13., 14., 15., 15.]])
     """
     xp = _backend.dispatch(x=x)
-    x = _args.images(x, "x", xp)
+    x = _args.native_4d(x, "x", xp)
     if x.dtype.name not in _kernels.POOL_TYPES:
         raise TypeError(
             f"x must have a float or integer dtype, got {x.dtype}")
@@ -237,8 +237,8 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
            [ 0., 20.]])
     """
     xp = _backend.dispatch(grad_out=grad_out, x=x, indices=indices)
-    grad_out = _args.images(grad_out, "grad_out", xp)
-    x = _args.images(x, "x", xp)
+    grad_out = _args.native_4d(grad_out, "grad_out", xp)
+    x = _args.native_4d(x, "x", xp)
     _args.common_float_dtype(grad_out=grad_out, x=x)
     pool = _normalize(x, kernel_size, stride, padding, dilation, ceil_mode, layout)
     if grad_out.shape != pool.out_shape:
@@ -385,6 +385,8 @@ def _backward(grad_out, indices, pool):
 
 #: Bytes of input per block of the 2x1 path.
 _BLOCK_BYTES = 1 << 21
+
+
 def _blocks(pool, itemsize):
     """(plane slice, window-row slice) blocks covering the 2x1 windows, each
     about ``_BLOCK_BYTES`` of input: whole planes when they are smaller, else
