@@ -28,6 +28,12 @@ def _pool():
         CPUS - 1, thread_name_prefix="cupyconv")
 
 
+if hasattr(os, "register_at_fork"):
+    # A forked child has the pool object but none of its threads: work
+    # handed to it would never run.  The child makes its own on first use.
+    os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 def for_each_share(function, items):
     """Call ``function(share)`` on up to :data:`CPUS` interleaved shares of
     the list ``items`` (share ``i`` holds items ``i, i + CPUS, ...``), the
