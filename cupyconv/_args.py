@@ -12,16 +12,26 @@ FLOAT_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32),
                 numpy.dtype(numpy.float64))
 
 
+#: Integer arguments must lie strictly between -LIMIT and LIMIT: sizes,
+#: strides and offsets computed from them then fit the kernels' 64-bit
+#: integers.
+LIMIT = 2**62
+
+
 def as_int(value, name):
-    """``value`` as a Python int; bools, floats and other types are rejected."""
+    """``value`` as a Python int; bools, floats and other types are rejected,
+    and so are magnitudes of :data:`LIMIT` or more."""
     if isinstance(value, (bool, numpy.bool_)):
         raise TypeError(f"{name} must be an integer, not bool")
     try:
-        return operator.index(value)
+        result = operator.index(value)
     except TypeError:
         raise TypeError(
             f"{name} must be an integer, not {type(value).__name__} ({value!r})"
         ) from None
+    if abs(result) >= LIMIT:
+        raise ValueError(f"{name} must be below 2**62 in magnitude, got {result}")
+    return result
 
 
 def pair(value, name, minimum=None):

@@ -485,10 +485,14 @@ def _windows(padded, geom, images, rows):
     cin_per_group = geom.in_channels // groups
     source = padded[n0:n1, r0 * sh:]
     s_n, s_h, s_w, s_c = source.strides
+    # Along an axis with one output the stride is never applied; leaving it
+    # out keeps a huge stride from overflowing the view's byte strides.
+    step_h = s_h * sh if r1 - r0 > 1 else 0
+    step_w = s_w * sw if geom.out_hw[1] > 1 else 0
     return numpy.lib.stride_tricks.as_strided(
         source,
         shape=(n1 - n0, r1 - r0, geom.out_hw[1], groups, kh, kw, cin_per_group),
-        strides=(s_n, s_h * sh, s_w * sw, s_c * cin_per_group, s_h * dh, s_w * dw, s_c),
+        strides=(s_n, step_h, step_w, s_c * cin_per_group, s_h * dh, s_w * dw, s_c),
     )
 
 

@@ -501,3 +501,27 @@ def test_gpu_non_contiguous_and_seed_layer():
     for result, exact in zip(results, expected):
         scale = float(np.abs(exact).max())
         np.testing.assert_allclose(cupy.asnumpy(result), exact, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("stride", [(2**61, 1), (1, 2**61), 2**61])
+def test_a_stride_longer_than_the_input_reads_one_window(stride):
+    """Any stride at least the padded size gives one output along that axis:
+    the result equals the one at that size (no overflow in the views)."""
+    case = Case(2, 6, 5, 3, 4, (3, 2), padding=1)
+    x, w, bias, _ = case.arrays()
+    sh, sw = stride if isinstance(stride, tuple) else (stride, stride)
+    short = (min(sh, 8), min(sw, 7))  # the padded size is 8 x 7
+    y = cc.conv2d(x, w, bias, stride=stride, padding=1)
+    np.testing.assert_array_equal(y, cc.conv2d(x, w, bias, stride=short, padding=1))
+    g = np.ones(y.shape)
+    np.testing.assert_array_equal(cc.conv2d_input(x.shape, w, g, stride=stride, padding=1),
+                                  cc.conv2d_input(x.shape, w, g, stride=short, padding=1))
+    np.testing.assert_array_equal(cc.conv2d_weight(x, w.shape, g, stride=stride, padding=1),
+                                  cc.conv2d_weight(x, w.shape, g, stride=short, padding=1))
+
+
+@pytest.mark.parametrize("name", ["stride", "padding", "dilation", "groups"])
+def test_integers_beyond_64_bit_index_math_are_refused(name):
+    x, w = np.ones((1, 4, 4, 1)), np.ones((2, 2, 1, 1))
+    with pytest.raises(ValueError, match=f"{name} must be below 2\\*\\*62"):
+        cc.conv2d(x, w, **{name: 2**62})

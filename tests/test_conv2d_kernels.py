@@ -376,6 +376,24 @@ def test_public_functions_use_kernels(cpu_kernels, layout):
         assert_close(numpy_result, reference, case.dtype)
 
 
+@pytest.mark.parametrize("stride", [(2**61, 1), (1, 2**61)])
+def test_a_stride_longer_than_the_input(cpu_kernels, stride):
+    """A stride far beyond the input (one output along that axis) runs in
+    the kernels' 64-bit index math and matches a stride of the padded size."""
+    x = np.random.default_rng(1).standard_normal((2, 6, 5, 3)).astype(np.float32)
+    w = np.random.default_rng(2).standard_normal((3, 2, 3, 4)).astype(np.float32)
+    short = tuple(min(s, size) for s, size in zip(stride, (8, 7)))  # padded 8 x 7
+
+    def all_three(step):
+        y = cupyconv.conv2d(x, w, stride=step, padding=1)
+        g = np.ones_like(y)
+        return (y, cupyconv.conv2d_input(x.shape, w, g, stride=step, padding=1),
+                cupyconv.conv2d_weight(x, w.shape, g, stride=step, padding=1))
+
+    for huge, fits in zip(all_three(stride), all_three(short)):
+        np.testing.assert_array_equal(huge, fits)
+
+
 def test_grid_too_large_is_a_value_error():
     with pytest.raises(ValueError, match="thread blocks"):
         _conv2d_cuda._launch_gemm("conv2d_forward_igemm", np.dtype(np.float32),

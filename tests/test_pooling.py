@@ -453,6 +453,20 @@ def test_backward_kernels(cpu_kernels, dtype):
             np.testing.assert_array_equal(g, want, err_msg=case)
 
 
+@pytest.mark.parametrize("stride", [(2**61, 1), (2, 2**61)])
+def test_a_stride_longer_than_the_input(cpu_kernels, stride):
+    """One window along an axis whatever the stride: kernels (64-bit index
+    math) and NumPy path agree, values, indices and gradients."""
+    x = _kernel_input(np.float32, (2, 5, 4, 3))
+    window = ((2, 2), stride, 0, 1, False)
+    want, got = _forward_both(x, "NHWC", window, np.asarray)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    want, got = _backward_both(x, "NHWC", window, np.asarray)
+    for g in got:
+        np.testing.assert_array_equal(g, want)
+
+
 def test_2x1_kernels_fall_back_on_misaligned_buffers(cpu_kernels):
     """A contiguous input that does not start on 16 bytes takes the
     element-wise path and still matches."""
