@@ -22,9 +22,24 @@ namespace pool {
 // NaN).  Integers have no NaN; float16 compares in float32 (exact).
 template <typename T>
 __device__ __forceinline__ bool beats(T v, T best) { return v > best; }
+
+// float's bit pattern as an int in the order of the values (-0.0 and +0.0
+// both map to 0).  CuPy compiles every kernel with -ftz=true, under which
+// float comparisons see subnormals as zero; integer comparisons of these
+// keys stay exact.
+__device__ __forceinline__ int ordered(int bits) {
+    return bits >= 0 ? bits : (bits ^ 0x7FFFFFFF) + 1;
+}
+
+__device__ __forceinline__ bool is_nan_bits(int bits) {
+    return (bits & 0x7FFFFFFF) > 0x7F800000;
+}
+
 template <>
 __device__ __forceinline__ bool beats<float>(float v, float best) {
-    return v > best || (isnan(v) && !isnan(best));
+    const int v_bits = __float_as_int(v), best_bits = __float_as_int(best);
+    if (is_nan_bits(v_bits)) return !is_nan_bits(best_bits);
+    return !is_nan_bits(best_bits) && ordered(v_bits) > ordered(best_bits);
 }
 template <>
 __device__ __forceinline__ bool beats<double>(double v, double best) {

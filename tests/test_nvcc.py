@@ -19,15 +19,22 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("family", sorted(_kernels.FAMILIES))
-def test_family_compiles_without_warnings(family, tmp_path):
-    source_dir = _kernels.cuda_source_dir()
+def _instances(family, tmp_path):
+    """A unit that includes the family's .cu file and takes the address of
+    every name expression, so each one is compiled."""
     addresses = ",\n    ".join(
         f"reinterpret_cast<const void*>(&{name})" for name in _kernels.FAMILIES[family])
     unit = tmp_path / f"{family}_instances.cu"
     unit.write_text(
         f'#include "{family}.cu"\n'
         f"const void* cupyconv_instances[] = {{\n    {addresses}\n}};\n")
+    return unit
+
+
+@pytest.mark.parametrize("family", sorted(_kernels.FAMILIES))
+def test_family_compiles_without_warnings(family, tmp_path):
+    source_dir = _kernels.cuda_source_dir()
+    unit = _instances(family, tmp_path)
     command = [
         NVCC, "-std=c++17", "-c", str(unit), "-o", str(tmp_path / "out.o"),
         f"-I{source_dir}", "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror",
@@ -42,3 +49,20 @@ def test_family_compiles_without_warnings(family, tmp_path):
 def test_every_cu_file_is_a_family():
     sources = {p.stem for p in _kernels.cuda_source_dir().glob("*.cu")}
     assert sources == set(_kernels.FAMILIES)
+
+
+def test_pool_comparisons_are_exact_under_flush_to_zero(tmp_path):
+    """CuPy compiles every kernel with -ftz=true, under which a float32
+    comparison sees subnormals as zero.  The pool kernels compare floats
+    through their bit patterns instead: the PTX holds no flushing compare."""
+    unit = _instances("maxpool", tmp_path)
+    ptx = tmp_path / "maxpool.ptx"
+    command = [NVCC, "-std=c++17", "-ptx", "-ftz=true", "-arch=sm_80",
+               f"-I{_kernels.cuda_source_dir()}", str(unit), "-o", str(ptx)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = ptx.read_text()
+    assert "maxpool2x1_fwd" in text and "maxpool_fwd" in text
+    flushing = [line.strip() for line in text.splitlines()
+                if line.strip().startswith("setp.") and ".ftz." in line]
+    assert flushing == []

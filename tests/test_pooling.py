@@ -385,10 +385,17 @@ KERNEL_CASES = {
 
 
 def _kernel_input(dtype, shape):
+    """Ties, NaN, -inf, and subnormals and signed zeros (which a flushing
+    float comparison would get wrong) among small integers."""
     x = make_input(np.random.default_rng(1), shape, dtype, "ties")
     if np.dtype(dtype).kind == "f":
         x.flat[::7] = np.nan
         x.flat[3::11] = -np.inf
+        tiny = np.finfo(dtype).smallest_subnormal
+        x.flat[1::5] = tiny
+        x.flat[2::9] = -tiny
+        x.flat[4::13] = -0.0
+        x.flat[5::17] = 0.0
     return x
 
 
