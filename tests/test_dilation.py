@@ -101,7 +101,7 @@ def test_non_contiguous_inputs(make_view):
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 3])
-@pytest.mark.parametrize("dtype", [np.bool_, np.float16, np.int32, np.complex128, object])
+@pytest.mark.parametrize("dtype", [np.bool_, np.float16, np.int32, ">f8", np.complex128, object])
 @pytest.mark.parametrize(
     "make_view",
     [lambda a: a, lambda a: a[..., ::2], lambda a: a[:, ::-1, :, ::-1],
