@@ -1,15 +1,32 @@
-"""Sharing the NumPy path's memory-bound loops among the CPU cores.
+"""Sharing the NumPy path's work among the CPU cores.
 
-NumPy releases the GIL inside its loops, so threads that each run a loop
-over their own part of an array run in parallel, as PyTorch spreads its
-elementwise work over its threads.  The pool is created on first use and
-holds one thread per usable core but one: the calling thread takes a share
-too.
+NumPy releases the GIL inside its loops and BLAS calls, so threads that each
+work on their own part of an array run in parallel, as PyTorch spreads its
+work over its threads.
+
+Memory-bound loops (:func:`for_each_share`, :func:`copyto`) run on a pool of
+one thread per usable core but one: the calling thread takes a share too.
+
+Blocks of a convolution -- a gather and a matrix product each -- run through
+:func:`for_each_block` on a second pool whose threads each hold BLAS to one
+thread, and take blocks one at a time as they finish the last.  Two things
+make that faster than one block at a time with BLAS's own threads: the
+gathers run in parallel too, and no BLAS thread spins idle on a core between
+products while the gathers run (OpenBLAS's waiting threads do, for a while,
+and take the core from the thread that gathers).  Taking blocks in turn also
+lets a core slowed by other load do less of the work.  Holding BLAS to one
+thread on our own threads needs ``openblas_set_num_threads_local`` (OpenBLAS
+0.3.27 and later, as NumPy's wheels ship); without it blocks run on the
+calling thread, one after another, with BLAS's own threads.  The pools are
+created on first use.
 """
 
 import concurrent.futures
+import ctypes
 import functools
+import glob
 import os
+import threading
 
 import numpy
 
@@ -28,10 +45,52 @@ def _pool():
         CPUS - 1, thread_name_prefix="cupyconv")
 
 
+def _loaded_libraries():
+    """Paths of the shared libraries this process has loaded (Linux), else
+    those shipped inside NumPy's wheel."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sorted({line.split(None, 5)[5].strip() for line in maps
+                           if len(line.split(None, 5)) == 6 and "/" in line})
+    except OSError:
+        root = os.path.dirname(numpy.__file__)
+        return sorted(glob.glob(os.path.join(root, os.pardir, "numpy.libs", "*"))
+                      + glob.glob(os.path.join(root, ".dylibs", "*")))
+
+
+@functools.cache
+def _blas_thread_limit():
+    """``openblas_set_num_threads_local`` of the OpenBLAS NumPy loaded, or
+    None where there is none (another BLAS, or an OpenBLAS before 0.3.27)."""
+    for path in _loaded_libraries():
+        if "openblas" not in os.path.basename(path).lower():
+            continue
+        try:
+            limit = ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        limit.argtypes, limit.restype = [ctypes.c_int], ctypes.c_int
+        return limit
+    return None
+
+
+def blas_threads_limited():
+    """Whether :func:`for_each_block` can run blocks on several threads."""
+    return CPUS > 1 and _blas_thread_limit() is not None
+
+
+@functools.cache
+def _blas_pool():
+    return concurrent.futures.ThreadPoolExecutor(
+        CPUS, thread_name_prefix="cupyconv-blas",
+        initializer=_blas_thread_limit(), initargs=(1,))
+
+
 if hasattr(os, "register_at_fork"):
-    # A forked child has the pool object but none of its threads: work
-    # handed to it would never run.  The child makes its own on first use.
-    os.register_at_fork(after_in_child=_pool.cache_clear)
+    # A forked child has the pool objects but none of their threads: work
+    # handed to them would never run.  The child makes its own on first use.
+    os.register_at_fork(after_in_child=lambda: (_pool.cache_clear(),
+                                                _blas_pool.cache_clear()))
 
 
 def for_each_share(function, items):
@@ -64,3 +123,36 @@ def copyto(dst, src):
             numpy.copyto(dst[part], src[part])
 
     for_each_share(copy, slices)
+
+
+def for_each_block(work, blocks, scratch=dict):
+    """Call ``work(block, state)`` for every item of the list ``blocks`` and
+    return the list of the ``state`` objects used.
+
+    Where :func:`blas_threads_limited`, up to :data:`CPUS` threads of a pool
+    whose BLAS runs single-threaded each make ``state = scratch()`` and take
+    blocks in turn until none is left; the calling thread waits.  Otherwise
+    the calling thread does every block with one ``state``.  ``work`` must
+    not write what another block reads or writes.  An exception in any
+    block is raised here.
+    """
+    threads = min(CPUS, len(blocks)) if blas_threads_limited() else 1
+    if threads <= 1:
+        state = scratch()
+        for block in blocks:
+            work(block, state)
+        return [state]
+    queue, lock = iter(blocks), threading.Lock()
+    done = object()
+
+    def run():
+        state = scratch()
+        while True:
+            with lock:
+                block = next(queue, done)
+            if block is done:
+                return state
+            work(block, state)
+
+    futures = [_blas_pool().submit(run) for _ in range(threads)]
+    return [future.result() for future in futures]

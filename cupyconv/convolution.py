@@ -10,7 +10,8 @@ into a matrix stored row by row, or column by column when there are only a
 few channels per group -- and a single BLAS product per group gives the
 block's output.  Blocks hold a few MiB, so the gathered matrix stays in cache
 and peak memory stays near the size of the input plus the output, whatever
-the kernel size.
+the kernel size.  The blocks are shared among the cores, each running its
+own gathers and single-threaded products (see :mod:`cupyconv._parallel`).
 
 The gradients reuse the same tap geometry: ``conv2d_weight`` multiplies the
 gathered matrix's transpose by ``grad_out``; ``conv2d_input`` multiplies
@@ -23,16 +24,23 @@ import math
 
 import numpy
 
-from . import _args, _backend
+from . import _args, _backend, _parallel
 
 __all__ = ["conv2d", "conv2d_input", "conv2d_weight"]
 
-#: Elements of the gathered matrix per block (4 MiB of float32): peak memory
-#: stays bounded for any input, the block stays near the cores' caches between
-#: the gather and the product, and BLAS calls stay few.  Measured on 2 cores
-#: (seed layer 2 forward, ResNet 3x3 forward): 45 / 12.6 ms at 2**20 against
-#: 52 / 17 ms at 2**23 and 59 / 13 ms at 2**21.
-_BLOCK_ELEMENTS = 2**20
+#: Elements of the gathered matrix per block (2 MiB of float32): peak memory
+#: stays bounded for any input, the block stays near its core's caches
+#: between the gather and the product, and BLAS calls stay few.  Measured on
+#: 2 cores, blocks shared among them (seed layer 2 forward, ResNet 3x3
+#: forward): 40.8 / 11.4 ms at 2**19 against 41.1 / 11.9 ms at 2**20 and
+#: 41.7 / 11.7 ms at 2**18.
+_BLOCK_ELEMENTS = 2**19
+
+#: Blocks per core to aim for (see :func:`_blocks`), so that a core that
+#: finishes early takes another, and smallest block worth splitting work
+#: into: below it per-call overheads would eat the gain.
+_BLOCKS_PER_CORE = 4
+_MIN_SHARED_BLOCK_ELEMENTS = 2**16
 
 #: Most input channels per group for which gathers are laid out tap-major
 #: (see :func:`_gather_tap_major`).
@@ -313,13 +321,19 @@ def _forward(x, w, bias, geom):
         bias = bias.astype(work, copy=False)
         if geom.layout == "NCHW":
             bias = bias[:, None, None]
-    for images, rows, cols in _blocks(geom, work, _gather_tap_major(geom)):
+    tap_major = _gather_tap_major(geom)
+
+    def block(ranges, scratch):
+        images, rows = ranges
+        cols = _gathered(scratch, geom, images, rows, work, tap_major)
         y_block = _output_block(y, geom, images, rows)
         _im2col(padded, geom, images, rows, cols)
         _matmul_into(_group_matrices(cols, geom), weights,
                      _group_matrices(y_block, geom, geom.layout == "NHWC"))
         if bias is not None:
             y_block += bias  # while the block is still in cache
+
+    _parallel.for_each_block(block, _blocks(geom))
     return y.astype(x.dtype, copy=False)
 
 
@@ -328,11 +342,21 @@ def _input_grad(w, grad_out, geom):
     weights_t = _weight_matrices(w, geom, work).swapaxes(1, 2)
     grad_out = grad_out.astype(work, copy=False)
     grad_padded = numpy.zeros(_padded_shape(geom), work)
-    for images, rows, cols in _blocks(geom, work, tap_major=False):
-        g_block = _output_block(grad_out, geom, images, rows)
-        _matmul_into(_group_matrices(g_block, geom, geom.layout == "NHWC"),
-                     weights_t, _group_matrices(cols, geom))
-        _col2im(cols, grad_padded, geom, images, rows)
+
+    def image_blocks(blocks, scratch):
+        # Bands of one image overlap in the input rows they add to: one
+        # thread does all of an image's blocks.
+        for images, rows in blocks:
+            cols = _gathered(scratch, geom, images, rows, work, tap_major=False)
+            g_block = _output_block(grad_out, geom, images, rows)
+            _matmul_into(_group_matrices(g_block, geom, geom.layout == "NHWC"),
+                         weights_t, _group_matrices(cols, geom))
+            _col2im(cols, grad_padded, geom, images, rows)
+
+    per_image = {}
+    for images, rows in _blocks(geom):
+        per_image.setdefault(images, []).append((images, rows))
+    _parallel.for_each_block(image_blocks, list(per_image.values()))
     grad_x = _interior(grad_padded, geom)
     if geom.layout == "NCHW":
         grad_x = grad_x.transpose(0, 3, 1, 2)
@@ -344,9 +368,12 @@ def _weight_grad(x, grad_out, geom):
     padded = _padded_input(x, geom, work)
     grad_out = grad_out.astype(work, copy=False)
     groups, taps = geom.groups, geom.kernel[0] * geom.kernel[1]
-    grad = numpy.zeros((groups, taps * geom.in_channels // groups,
-                        geom.out_channels // groups), work)
-    for images, rows, cols in _blocks(geom, work, _gather_tap_major(geom)):
+    shape = (groups, taps * geom.in_channels // groups, geom.out_channels // groups)
+    tap_major = _gather_tap_major(geom)
+
+    def block(ranges, scratch):
+        images, rows = ranges
+        cols = _gathered(scratch, geom, images, rows, work, tap_major)
         _im2col(padded, geom, images, rows, cols)
         g_block = _output_block(grad_out, geom, images, rows)
         product = numpy.matmul(
@@ -354,7 +381,15 @@ def _weight_grad(x, grad_out, geom):
             _group_matrices(g_block, geom, geom.layout == "NHWC"),
         )
         # NCHW blocks hold one product per image: sum them.
-        grad += product.sum(axis=tuple(range(product.ndim - 3)))
+        product = product.sum(axis=tuple(range(product.ndim - 3)))
+        if "grad" in scratch:
+            scratch["grad"] += product
+        else:
+            scratch["grad"] = product
+
+    grad = numpy.zeros(shape, work)
+    for scratch in _parallel.for_each_block(block, _blocks(geom)):
+        grad += scratch.get("grad", 0)
     return _weight_from_matrices(grad, geom, x.dtype)
 
 
@@ -427,36 +462,47 @@ def _gather_tap_major(geom):
     return geom.in_channels // geom.groups <= _TAP_MAJOR_MAX_CHANNELS
 
 
-def _blocks(geom, dtype, tap_major):
+def _blocks(geom):
     """Tile the output into blocks whose gathered matrix has about
     ``_BLOCK_ELEMENTS`` entries -- whole images when one fits, else bands of
-    output rows of one image -- and yield ``(images, rows, cols)``: the index
-    ranges and an uninitialised gathered matrix for the block (see
-    :func:`_cols_shape`).  Every block's matrix lives in one buffer allocated
-    once: fresh pages per block would cost more than the gather itself.
+    output rows of one image -- and at least ``_BLOCKS_PER_CORE`` blocks per
+    core where the work allows (blocks are shared among the cores, see
+    :mod:`cupyconv._parallel`).  Returns their ``(images, rows)`` index
+    ranges."""
+    oh, ow = geom.out_hw
+    kh, kw = geom.kernel
+    per_row = max(1, ow * kh * kw * geom.in_channels)
+    total = geom.batch * oh * per_row
+    elements = min(_BLOCK_ELEMENTS,
+                   max(_MIN_SHARED_BLOCK_ELEMENTS,
+                       total // (_BLOCKS_PER_CORE * _parallel.CPUS)))
+    rows = max(1, elements // per_row)
+    if rows >= oh:
+        step = rows // oh
+        return [((n, min(n + step, geom.batch)), (0, oh))
+                for n in range(0, geom.batch, step)]
+    return [((n, n + 1), (r, min(r + rows, oh)))
+            for n in range(geom.batch) for r in range(0, oh, rows)]
+
+
+def _gathered(scratch, geom, images, rows, dtype, tap_major):
+    """An uninitialised gathered matrix for a block (see :func:`_cols_shape`),
+    in a buffer that ``scratch`` (one thread's) keeps for all its blocks:
+    fresh pages per block would cost more than the gather itself.
 
     The matrix is a view with the same axes either way; ``tap_major`` only
     changes its memory order, from pixels outermost (each row contiguous) to
     columns outermost (each column contiguous).  BLAS takes either order
     without a copy."""
-    oh, ow = geom.out_hw
-    kh, kw = geom.kernel
-    per_row = ow * kh * kw * geom.in_channels
-    rows = max(1, _BLOCK_ELEMENTS // max(1, per_row))
-    if rows >= oh:
-        step = rows // oh
-        ranges = [((n, min(n + step, geom.batch)), (0, oh))
-                  for n in range(0, geom.batch, step)]
-    else:
-        ranges = [((n, n + 1), (r, min(r + rows, oh)))
-                  for n in range(geom.batch) for r in range(0, oh, rows)]
-    shapes = [_cols_shape(geom, images, rows) for images, rows in ranges]
-    buffer = numpy.empty(max((math.prod(shape) for shape in shapes), default=0), dtype)
-    for (images, rows), shape in zip(ranges, shapes):
-        cols = buffer[:math.prod(shape)]
-        if tap_major:
-            cols = cols.reshape(shape[-1:] + shape[:-1]).transpose(1, 2, 3, 0)
-        yield images, rows, cols.reshape(shape)
+    shape = _cols_shape(geom, images, rows)
+    size = math.prod(shape)
+    buffer = scratch.get("cols")
+    if buffer is None or buffer.size < size:
+        buffer = scratch["cols"] = numpy.empty(size, dtype)
+    cols = buffer[:size]
+    if tap_major:
+        cols = cols.reshape(shape[-1:] + shape[:-1]).transpose(1, 2, 3, 0)
+    return cols.reshape(shape)
 
 
 def _output_block(a, geom, images, rows):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import cupyconv as cc
-from cupyconv import convolution
+from cupyconv import _parallel, convolution
 
 
 # --- independent reference --------------------------------------------------
@@ -168,11 +168,13 @@ def test_matches_reference(case, layout, gather_order):
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("block_elements", [1, 40, 500])
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-def test_blocking(monkeypatch, block_elements, layout, gather_order):
+def test_blocking(monkeypatch, block_elements, layout, threads, gather_order):
     """Bands of rows of one image, and several images per block, give the
-    same result as one block."""
+    same result as one block, whether the blocks run one after another or
+    are shared among threads."""
     case = Case(5, 9, 8, 4, 6, (3, 2), stride=(2, 1), padding="same", groups=2)
     x, w, bias, grad_out = case.arrays()
     xl, wl = to_layout(x, w, layout)
@@ -182,14 +184,28 @@ def test_blocking(monkeypatch, block_elements, layout, gather_order):
              cc.conv2d_input(xl.shape, wl, gl, **kwargs),
              cc.conv2d_weight(xl, wl.shape, gl, **kwargs))
     monkeypatch.setattr(convolution, "_BLOCK_ELEMENTS", block_elements)
-    assert len(list(convolution._blocks(cc._args.conv2d_geometry(
+    monkeypatch.setattr(convolution, "_MIN_SHARED_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(_parallel, "CPUS", threads)
+    monkeypatch.setattr(_parallel, "blas_threads_limited", lambda: threads > 1)
+    assert len(convolution._blocks(cc._args.conv2d_geometry(
         xl.shape, wl.shape, case.stride, case.padding, case.dilation,
-        case.groups, layout), np.float64, tap_major=False))) > 1
+        case.groups, layout))) > 1
     blocked = (cc.conv2d(xl, wl, bias, **kwargs),
                cc.conv2d_input(xl.shape, wl, gl, **kwargs),
                cc.conv2d_weight(xl, wl.shape, gl, **kwargs))
     for a, b in zip(whole, blocked):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_blocks_split_work_among_cores(monkeypatch):
+    """A batch that fits one block is still cut into several per core."""
+    monkeypatch.setattr(_parallel, "CPUS", 2)
+    geom = cc._args.conv2d_geometry((128, 32, 15, 1), (5, 3, 1, 64), 1, (2, 1),
+                                    1, 1, "NHWC")
+    blocks = convolution._blocks(geom)
+    assert len(blocks) >= 2 * convolution._BLOCKS_PER_CORE
+    covered = [n for (n0, n1), rows in blocks for n in range(n0, n1)]
+    assert covered == list(range(128))
 
 
 TORCH_CASES = [CASES[i] for i in (0, 5, 6, 8, 9, 11)]

@@ -1,4 +1,5 @@
-"""The NumPy path's thread pool: shares, errors, and a forked child."""
+"""The NumPy path's thread pools: shares, blocks, errors, BLAS threads and a
+forked child."""
 
 import multiprocessing
 import sys
@@ -33,10 +34,39 @@ def test_copyto_splits_any_first_axis(monkeypatch, cpus):
         np.testing.assert_array_equal(dst, src)
 
 
+@pytest.mark.parametrize("limited", [False, True])
+def test_every_block_once_with_its_thread_state(monkeypatch, limited):
+    monkeypatch.setattr(_parallel, "CPUS", 3)
+    monkeypatch.setattr(_parallel, "blas_threads_limited", lambda: limited)
+    states = _parallel.for_each_block(
+        lambda block, state: state.append(block), list(range(20)), scratch=list)
+    assert len(states) == (3 if limited else 1)
+    assert sorted(b for state in states for b in state) == list(range(20))
+
+    def fail(block, state):
+        if block == 7:
+            raise RuntimeError("block failed")
+    with pytest.raises(RuntimeError, match="block failed"):
+        _parallel.for_each_block(fail, list(range(20)))
+
+
+@pytest.mark.skipif(not _parallel.blas_threads_limited(),
+                    reason="needs OpenBLAS >= 0.3.27 under NumPy and 2+ cores")
+def test_blocks_run_with_single_threaded_blas():
+    """On the block pool's threads BLAS runs one thread (the thread-local
+    setter returns the count it replaces)."""
+    limit = _parallel._blas_thread_limit()
+    states = _parallel.for_each_block(
+        lambda block, state: state.append(limit(1)), [0, 1, 2, 3], scratch=list)
+    assert {count for state in states for count in state} == {1}
+
+
 def _child_uses_pool(queue):
     seen = []
     _parallel.for_each_share(seen.extend, [1, 2, 3, 4])
-    queue.put(sorted(seen))
+    states = _parallel.for_each_block(lambda block, state: state.append(block),
+                                      [5, 6], scratch=list)
+    queue.put(sorted(seen + [b for state in states for b in state]))
 
 
 @pytest.mark.skipif(sys.platform == "win32" or "fork" not in multiprocessing.get_all_start_methods(),
@@ -45,7 +75,8 @@ def test_forked_child_gets_its_own_pool(monkeypatch):
     """A child forked after the parent used the pool does not wait forever
     on the parent's threads, which it does not have."""
     monkeypatch.setattr(_parallel, "CPUS", 2)
-    _parallel.for_each_share(list, [1, 2])  # the parent's pool now exists
+    _parallel.for_each_share(list, [1, 2])  # the parent's pools now exist
+    _parallel.for_each_block(lambda block, state: None, [1, 2])
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_child_uses_pool, args=(queue,))
@@ -54,4 +85,4 @@ def test_forked_child_gets_its_own_pool(monkeypatch):
     if child.is_alive():
         child.kill()
         pytest.fail("the forked child hung on the parent's thread pool")
-    assert queue.get(timeout=5) == [1, 2, 3, 4]
+    assert queue.get(timeout=5) == [1, 2, 3, 4, 5, 6]
