@@ -29,6 +29,7 @@ TORCH_API = [
     "cuda.is_available", "cuda.Event", "cuda.synchronize", "cuda.empty_cache",
     "backends.cudnn.version", "backends.cudnn.benchmark", "backends.cuda.matmul",
     "from_dlpack", "channels_last", "contiguous_format",
+    "ops.aten.max_pool2d_with_indices_backward",
 ]
 
 

@@ -288,6 +288,33 @@ def pool_cases(device, xp, torch, shape, dtype="float32"):
         bytes=in_bytes + out_bytes, note="bytes = input read + output written",
     ))
 
+    # Backward alone, from the indices the forward returned (computed once,
+    # untimed), as a framework's backward step has them.
+    def with_indices(inputs):
+        _, indices = cupyconv.max_pool2d(inputs["x"], kernel, stride, return_indices=True)
+        return {**inputs, "indices": indices}
+
+    impls = [Impl(peer="cupyconv", prepare=with_indices, to_canonical=_identity,
+                  run=lambda s: cupyconv.max_pool2d_backward(
+                      s["g"], s["x"], kernel, stride=stride, indices=s["indices"]),
+                  detail="from indices"),
+             _direct("plain", lambda s: peers.plain_pool_backward(xp, s["g"], s["x"], kernel),
+                     detail="argmax mask from x")]
+    impls += _torch_pool_backward_impls(torch, device, xp, kernel, stride)
+    if device == "cpu":
+        impls.append(_direct("loop", lambda s: peers.loop_pool_backward(
+            s["g"], s["x"], kernel, stride), detail="loop over windows"))
+    shapes = {"x": shape, "g": out_shape}
+    out_elements = math.prod(out_shape)
+    cases.append(Case(
+        key="pool2x1_bwd", op="max_pool2d", group="memory", device=device,
+        title=f"max_pool2d 2x1 backward, {_mb(in_bytes)} in", dtype=dtype,
+        shapes=shapes, params={"kernel_size": kernel, "stride": stride},
+        make_inputs=_inputs(shapes, dtype), impls=impls,
+        bytes=out_bytes + 8 * out_elements + in_bytes,
+        note="bytes = grad_y and int64 indices read + grad_x written",
+    ))
+
     def cupyconv_both(s):
         y = cupyconv.max_pool2d(s["x"], kernel, stride)
         return y, cupyconv.max_pool2d_backward(s["g"], s["x"], kernel, stride=stride)
@@ -322,6 +349,32 @@ def pool_cases(device, xp, torch, shape, dtype="float32"):
         note="bytes = forward (x, y) + backward (x, grad_y read, grad_x written)",
     ))
     return cases
+
+
+def _torch_pool_backward_impls(torch, device, xp, kernel, stride):
+    """PyTorch's max-pool backward from indices, in both memory formats: the
+    op autograd calls (``max_pool2d_with_indices_backward``), with the
+    forward's indices made once in ``prepare``."""
+    if torch is None:
+        return []
+    backward = torch.ops.aten.max_pool2d_with_indices_backward
+    impls = []
+    for detail, fmt in _torch_layouts(torch):
+        def prepare(inputs, fmt=fmt):
+            x = _to_torch(torch, inputs["x"], "act", fmt)
+            g = _to_torch(torch, inputs["g"], "act", fmt)
+            _, indices = torch.nn.functional.max_pool2d(x, kernel, stride, return_indices=True)
+            return {"x": x, "g": g, "indices": indices}
+
+        impls.append(Impl(
+            peer="torch", prepare=prepare, detail=detail,
+            run=lambda s: backward(s["g"], s["x"], list(kernel), list(stride),
+                                   [0, 0], [1, 1], False, s["indices"]),
+            to_canonical=lambda gx: (_from_torch(xp, gx, "act"),),
+            clock="torch" if device == "gpu" else "cupy", traced=False,
+            context=_torch_context(torch, device, False),
+        ))
+    return impls
 
 
 def conv_case(device, xp, torch, *, key, group, title, n, c_in, c_out, hw, kernel,
