@@ -125,16 +125,19 @@ def copyto(dst, src):
     for_each_share(copy, slices)
 
 
-def for_each_block(work, blocks, scratch=dict):
+def for_each_block(work, blocks, scratch=dict, *, fixed_shares=False):
     """Call ``work(block, state)`` for every item of the list ``blocks`` and
-    return the list of the ``state`` objects used.
+    return the list of the ``state`` objects used, one per thread in order.
 
     Where :func:`blas_threads_limited`, up to :data:`CPUS` threads of a pool
     whose BLAS runs single-threaded each make ``state = scratch()`` and take
-    blocks in turn until none is left; the calling thread waits.  Otherwise
-    the calling thread does every block with one ``state``.  ``work`` must
-    not write what another block reads or writes.  An exception in any
-    block is raised here.
+    blocks in turn until none is left; the calling thread waits.  With
+    ``fixed_shares`` thread ``i`` takes blocks ``i, i + threads, ...``
+    instead, so what a state accumulates, and in which order, does not
+    depend on timing (sums over blocks come out the same on every run).
+    Otherwise the calling thread does every block with one ``state``.
+    ``work`` must not write what another block reads or writes.  An
+    exception in any block is raised here.
     """
     threads = min(CPUS, len(blocks)) if blas_threads_limited() else 1
     if threads <= 1:
@@ -142,17 +145,22 @@ def for_each_block(work, blocks, scratch=dict):
         for block in blocks:
             work(block, state)
         return [state]
-    queue, lock = iter(blocks), threading.Lock()
+    shared, lock = iter(blocks), threading.Lock()
     done = object()
 
-    def run():
-        state = scratch()
-        while True:
-            with lock:
-                block = next(queue, done)
-            if block is done:
-                return state
-            work(block, state)
+    def next_block(own):
+        if own is not None:
+            return next(own, done)
+        with lock:
+            return next(shared, done)
 
-    futures = [_blas_pool().submit(run) for _ in range(threads)]
+    def run(share):
+        state = scratch()
+        own = None if share is None else iter(blocks[share::threads])
+        while (block := next_block(own)) is not done:
+            work(block, state)
+        return state
+
+    futures = [_blas_pool().submit(run, i if fixed_shares else None)
+               for i in range(threads)]
     return [future.result() for future in futures]

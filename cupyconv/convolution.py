@@ -388,7 +388,8 @@ def _weight_grad(x, grad_out, geom):
             scratch["grad"] = product
 
     grad = numpy.zeros(shape, work)
-    for scratch in _parallel.for_each_block(block, _blocks(geom)):
+    # Fixed shares: the sum over blocks is then the same on every run.
+    for scratch in _parallel.for_each_block(block, _blocks(geom), fixed_shares=True):
         grad += scratch.get("grad", 0)
     return _weight_from_matrices(grad, geom, x.dtype)
 

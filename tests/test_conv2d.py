@@ -3,6 +3,7 @@ loop reference, PyTorch, finite differences and lower precisions; every
 argument error; and (on a GPU) the CuPy path against the NumPy path."""
 
 import sys
+import time
 import types
 
 import numpy as np
@@ -195,6 +196,27 @@ def test_blocking(monkeypatch, block_elements, layout, threads, gather_order):
                cc.conv2d_weight(xl, wl.shape, gl, **kwargs))
     for a, b in zip(whole, blocked):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_grad_is_the_same_on_every_run(monkeypatch):
+    """Blocks shared among threads still sum the weight gradient in one
+    order: repeated calls agree bit for bit."""
+    monkeypatch.setattr(convolution, "_BLOCK_ELEMENTS", 300)
+    monkeypatch.setattr(convolution, "_MIN_SHARED_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(_parallel, "CPUS", 3)
+    monkeypatch.setattr(_parallel, "blas_threads_limited", lambda: True)
+    gather, delays = convolution._im2col, np.random.default_rng(6)
+
+    def uneven_gather(*args):  # threads finish blocks in a different order each time
+        time.sleep(delays.uniform(0, 2e-3))
+        gather(*args)
+    monkeypatch.setattr(convolution, "_im2col", uneven_gather)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((16, 9, 7, 3), dtype=np.float32)
+    g = rng.standard_normal((16, 9, 7, 4), dtype=np.float32)
+    first = cc.conv2d_weight(x, (3, 3, 3, 4), g, padding=1)
+    for _ in range(10):
+        np.testing.assert_array_equal(cc.conv2d_weight(x, (3, 3, 3, 4), g, padding=1), first)
 
 
 def test_blocks_split_work_among_cores(monkeypatch):

@@ -43,6 +43,10 @@ def test_every_block_once_with_its_thread_state(monkeypatch, limited):
     assert len(states) == (3 if limited else 1)
     assert sorted(b for state in states for b in state) == list(range(20))
 
+    fixed = _parallel.for_each_block(lambda block, state: state.append(block),
+                                     list(range(8)), scratch=list, fixed_shares=True)
+    assert fixed == ([[0, 3, 6], [1, 4, 7], [2, 5]] if limited else [list(range(8))])
+
     def fail(block, state):
         if block == 7:
             raise RuntimeError("block failed")
