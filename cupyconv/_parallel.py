@@ -45,26 +45,29 @@ def _pool():
         CPUS - 1, thread_name_prefix="cupyconv")
 
 
-def _loaded_libraries():
-    """Paths of the shared libraries this process has loaded (Linux), else
-    those shipped inside NumPy's wheel."""
+def _blas_candidates():
+    """Paths of OpenBLAS libraries that may be NumPy's: those its wheel ships
+    first (SciPy's wheel ships another OpenBLAS, which may be loaded too),
+    then any this process has loaded (Linux; NumPy built on a system
+    OpenBLAS)."""
+    root = os.path.dirname(numpy.__file__)
+    shipped = sorted(glob.glob(os.path.join(os.path.dirname(root), "numpy.libs", "*"))
+                     + glob.glob(os.path.join(root, ".dylibs", "*")))
     try:
         with open("/proc/self/maps") as maps:
-            return sorted({line.split(None, 5)[5].strip() for line in maps
-                           if len(line.split(None, 5)) == 6 and "/" in line})
+            fields = [line.split(None, 5) for line in maps]
+        loaded = sorted({f[5].strip() for f in fields if len(f) == 6})
     except OSError:
-        root = os.path.dirname(numpy.__file__)
-        return sorted(glob.glob(os.path.join(root, os.pardir, "numpy.libs", "*"))
-                      + glob.glob(os.path.join(root, ".dylibs", "*")))
+        loaded = []
+    return [path for path in shipped + loaded
+            if "openblas" in os.path.basename(path).lower()]
 
 
 @functools.cache
 def _blas_thread_limit():
-    """``openblas_set_num_threads_local`` of the OpenBLAS NumPy loaded, or
-    None where there is none (another BLAS, or an OpenBLAS before 0.3.27)."""
-    for path in _loaded_libraries():
-        if "openblas" not in os.path.basename(path).lower():
-            continue
+    """``openblas_set_num_threads_local`` of the OpenBLAS NumPy uses, or None
+    where there is none (another BLAS, or an OpenBLAS before 0.3.27)."""
+    for path in _blas_candidates():
         try:
             limit = ctypes.CDLL(path).openblas_set_num_threads_local
         except (OSError, AttributeError):
