@@ -15,13 +15,17 @@ gathers run in parallel too, and no BLAS thread spins idle on a core between
 products while the gathers run (OpenBLAS's waiting threads do, for a while,
 and take the core from the thread that gathers).  Taking blocks in turn also
 lets a core slowed by other load do less of the work.  Holding BLAS to one
-thread on our own threads needs ``openblas_set_num_threads_local`` (OpenBLAS
-0.3.27 and later, as NumPy's wheels ship); without it blocks run on the
-calling thread, one after another, with BLAS's own threads.  The pools are
-created on first use.
+thread needs ``openblas_set_num_threads_local`` (OpenBLAS 0.3.27 and later,
+as NumPy's wheels ship); without it blocks run on the calling thread, one
+after another, with BLAS's own threads.  Despite its name, in the pthreads
+OpenBLAS of NumPy's wheels that function sets the count for the whole
+process: it is held at one only while blocks run and then put back, so
+BLAS calls that other threads make at the same time run single-threaded.
+The pools are created on first use.
 """
 
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import glob
@@ -84,9 +88,32 @@ def blas_threads_limited():
 
 @functools.cache
 def _blas_pool():
-    return concurrent.futures.ThreadPoolExecutor(
-        CPUS, thread_name_prefix="cupyconv-blas",
-        initializer=_blas_thread_limit(), initargs=(1,))
+    return concurrent.futures.ThreadPoolExecutor(CPUS, thread_name_prefix="cupyconv-blas")
+
+
+_held = threading.Lock()
+_holders = 0
+_saved_count = None
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """BLAS held to one thread inside, and put back as it was after.  The
+    count is process-wide (see above) and calls may overlap: the first one
+    in saves it, the last one out restores it."""
+    global _holders, _saved_count
+    limit = _blas_thread_limit()
+    with _held:
+        if _holders == 0:
+            _saved_count = limit(1)
+        _holders += 1
+    try:
+        yield limit
+    finally:
+        with _held:
+            _holders -= 1
+            if _holders == 0:
+                limit(_saved_count)
 
 
 if hasattr(os, "register_at_fork"):
@@ -133,8 +160,8 @@ def for_each_block(work, blocks, scratch=dict, *, fixed_shares=False):
     return the list of the ``state`` objects used, one per thread in order.
 
     Where :func:`blas_threads_limited`, up to :data:`CPUS` threads of a pool
-    whose BLAS runs single-threaded each make ``state = scratch()`` and take
-    blocks in turn until none is left; the calling thread waits.  With
+    each make ``state = scratch()`` and take blocks in turn until none is
+    left, BLAS running single-threaded meanwhile; the calling thread waits.  With
     ``fixed_shares`` thread ``i`` takes blocks ``i, i + threads, ...``
     instead, so what a state accumulates, and in which order, does not
     depend on timing (sums over blocks come out the same on every run).
@@ -157,13 +184,15 @@ def for_each_block(work, blocks, scratch=dict, *, fixed_shares=False):
         with lock:
             return next(shared, done)
 
-    def run(share):
+    def run(share, limit):
+        limit(1)  # for an OpenBLAS whose count is per thread, as named
         state = scratch()
         own = None if share is None else iter(blocks[share::threads])
         while (block := next_block(own)) is not done:
             work(block, state)
         return state
 
-    futures = [_blas_pool().submit(run, i if fixed_shares else None)
-               for i in range(threads)]
-    return [future.result() for future in futures]
+    with _single_threaded_blas() as limit:
+        futures = [_blas_pool().submit(run, i if fixed_shares else None, limit)
+                   for i in range(threads)]
+        return [future.result() for future in futures]

@@ -1,8 +1,11 @@
 """The NumPy path's thread pools: shares, blocks, errors, BLAS threads and a
 forked child."""
 
+import ctypes
 import multiprocessing
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -63,6 +66,44 @@ def test_blocks_run_with_single_threaded_blas():
     states = _parallel.for_each_block(
         lambda block, state: state.append(limit(1)), [0, 1, 2, 3], scratch=list)
     assert {count for state in states for count in state} == {1}
+
+
+def _blas_thread_count():
+    """A getter of the process's OpenBLAS thread count, under the names
+    OpenBLAS builds export it as."""
+    library = ctypes.CDLL(_parallel._blas_candidates()[0])
+    for name in ("openblas_get_num_threads", "openblas_get_num_threads64_",
+                 "scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads"):
+        if hasattr(library, name):
+            return getattr(library, name)
+    pytest.skip("this OpenBLAS exports no known thread-count getter")
+
+
+@pytest.mark.skipif(not _parallel.blas_threads_limited(),
+                    reason="needs OpenBLAS >= 0.3.27 under NumPy and 2+ cores")
+def test_blas_thread_count_is_put_back():
+    """Blocks hold BLAS to one thread only while they run, also when calls
+    from several threads overlap: the caller's BLAS is as fast after."""
+    count = _blas_thread_count()
+    prior = _parallel._blas_thread_limit()(2)  # whatever earlier tests left
+    before = count()
+    assert before == 2
+    seen = []
+
+    def blocks():
+        _parallel.for_each_block(lambda block, state: (time.sleep(0.01), seen.append(count())),
+                                 list(range(6)))
+
+    blocks()
+    assert count() == before
+    callers = [threading.Thread(target=blocks) for _ in range(3)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert count() == before
+    assert set(seen) == {1}
+    _parallel._blas_thread_limit()(prior)
 
 
 def _child_uses_pool(queue):
