@@ -8,8 +8,8 @@ Memory-bound loops (:func:`for_each_share`, :func:`copyto`) run on a pool of
 one thread per usable core but one: the calling thread takes a share too.
 
 Blocks of a convolution -- a gather and a matrix product each -- run through
-:func:`for_each_block` on a second pool whose threads each hold BLAS to one
-thread, and take blocks one at a time as they finish the last.  Two things
+:func:`for_each_block` on a second pool, BLAS held to one thread meanwhile;
+its threads take blocks one at a time as they finish the last.  Two things
 make that faster than one block at a time with BLAS's own threads: the
 gathers run in parallel too, and no BLAS thread spins idle on a core between
 products while the gathers run (OpenBLAS's waiting threads do, for a while,
@@ -116,11 +116,18 @@ def _single_threaded_blas():
                 limit(_saved_count)
 
 
+def _after_fork_in_child():
+    """A forked child has the pool objects but none of their threads: work
+    handed to them would never run, and a lock a parent's thread held stays
+    held.  The child makes its own pools on first use."""
+    global _held, _holders
+    _pool.cache_clear()
+    _blas_pool.cache_clear()
+    _held, _holders = threading.Lock(), 0
+
+
 if hasattr(os, "register_at_fork"):
-    # A forked child has the pool objects but none of their threads: work
-    # handed to them would never run.  The child makes its own on first use.
-    os.register_at_fork(after_in_child=lambda: (_pool.cache_clear(),
-                                                _blas_pool.cache_clear()))
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def for_each_share(function, items):
