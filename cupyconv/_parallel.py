@@ -8,8 +8,9 @@ Memory-bound loops (:func:`for_each_share`, :func:`copyto`) run on a pool of
 one thread per usable core but one: the calling thread takes a share too.
 
 Blocks of a convolution -- a gather and a matrix product each -- run through
-:func:`for_each_block` on a second pool, BLAS held to one thread meanwhile;
-its threads take blocks one at a time as they finish the last.  Two things
+:func:`for_each_block` on the calling thread and a second pool, BLAS held to
+one thread meanwhile; each thread takes blocks one at a time as it finishes
+the last.  Two things
 make that faster than one block at a time with BLAS's own threads: the
 gathers run in parallel too, and no BLAS thread spins idle on a core between
 products while the gathers run (OpenBLAS's waiting threads do, for a while,
@@ -88,7 +89,7 @@ def blas_threads_limited():
 
 @functools.cache
 def _blas_pool():
-    return concurrent.futures.ThreadPoolExecutor(CPUS, thread_name_prefix="cupyconv-blas")
+    return concurrent.futures.ThreadPoolExecutor(CPUS - 1, thread_name_prefix="cupyconv-blas")
 
 
 _held = threading.Lock()
@@ -166,12 +167,13 @@ def for_each_block(work, blocks, scratch=dict, *, fixed_shares=False):
     """Call ``work(block, state)`` for every item of the list ``blocks`` and
     return the list of the ``state`` objects used, one per thread in order.
 
-    Where :func:`blas_threads_limited`, up to :data:`CPUS` threads of a pool
-    each make ``state = scratch()`` and take blocks in turn until none is
-    left, BLAS running single-threaded meanwhile; the calling thread waits.  With
-    ``fixed_shares`` thread ``i`` takes blocks ``i, i + threads, ...``
-    instead, so what a state accumulates, and in which order, does not
-    depend on timing (sums over blocks come out the same on every run).
+    Where :func:`blas_threads_limited`, up to :data:`CPUS` threads (the
+    calling one first, then the pool's) each make ``state = scratch()`` and
+    take blocks in turn until none is left, BLAS running single-threaded
+    meanwhile.  With ``fixed_shares`` thread ``i`` takes blocks
+    ``i, i + threads, ...`` instead, so what a state accumulates, and in
+    which order, does not depend on timing (sums over blocks come out the
+    same on every run).
     Otherwise the calling thread does every block with one ``state``.
     ``work`` must not write what another block reads or writes.  An
     exception in any block is raised here.
@@ -201,5 +203,9 @@ def for_each_block(work, blocks, scratch=dict, *, fixed_shares=False):
 
     with _single_threaded_blas() as limit:
         futures = [_blas_pool().submit(run, i if fixed_shares else None, limit)
-                   for i in range(threads)]
-        return [future.result() for future in futures]
+                   for i in range(1, threads)]
+        try:
+            first = run(0 if fixed_shares else None, limit)
+        finally:  # the pool's threads finish before BLAS is put back
+            concurrent.futures.wait(futures)
+        return [first] + [future.result() for future in futures]
