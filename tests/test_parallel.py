@@ -60,7 +60,7 @@ def test_every_block_once_with_its_thread_state(monkeypatch, limited):
 @pytest.mark.skipif(not _parallel.blas_threads_limited(),
                     reason="needs OpenBLAS >= 0.3.27 under NumPy and 2+ cores")
 def test_blocks_run_with_single_threaded_blas():
-    """On the block pool's threads BLAS runs one thread (the thread-local
+    """On every thread that runs blocks BLAS runs one thread (the
     setter returns the count it replaces)."""
     limit = _parallel._blas_thread_limit()
     states = _parallel.for_each_block(
