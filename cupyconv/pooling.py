@@ -497,9 +497,12 @@ def _forward_2x1(x, pool, want_indices):
 def _backward_2x1(grad_out, x, indices, pool):
     """2x1: each window's gradient goes to the row it picked, found by
     comparing the two rows again or by reading ``indices``; the other row
-    gets +0.  Written as one contiguous product of the gradient, repeated
-    for both rows, and a 0/1 mask of the picks, on the bits (exact, unlike
-    floats: inf * 0 is NaN)."""
+    gets +0.  Each row's share is the gradient times a 0/1 mask of the
+    picks, on the bits (exact, unlike floats: inf * 0 is NaN), computed in
+    contiguous buffers and then copied to the row (copies of rows spaced
+    apart run at memory speed, ufuncs on them do not).  Recomputed picks
+    send each window to one row, so the top row's share is the rest of the
+    gradient; indices may pick neither row, so they get a mask each."""
     planes, row, _ = pool.rows()
     pairs = pool.h // 2
     bits = numpy.dtype(f"u{grad_out.dtype.itemsize}")
@@ -511,25 +514,25 @@ def _backward_2x1(grad_out, x, indices, pool):
     else:
         picks = numpy.ascontiguousarray(indices).reshape(planes, pool.oh, row)
         top_at = _pair_positions(pool, pairs)
+        bottom_at = top_at + pool.w
 
     def block(plane, pair, buffers):
         g = grads[plane, pair].view(bits)
-        shape = g.shape[:2] + (2, row)  # (planes, windows, top/bottom, row)
-        keep = buffers.get("keep", shape, bits)
+        to_top = buffers.get("to_top", g.shape, bits)
+        to_bottom = buffers.get("to_bottom", g.shape, bits)
         if indices is None:
             top = buffers.get("top", g.shape, x.dtype)
-            bottom = _bottom_wins(windows[plane, pair], top, buffers)[0]
-            numpy.copyto(keep[:, :, 1], bottom)
-            numpy.copyto(keep[:, :, 0], numpy.logical_not(bottom, out=bottom))
+            numpy.copyto(to_bottom, _bottom_wins(windows[plane, pair], top, buffers)[0])
+            numpy.multiply(g, to_bottom, out=to_bottom)
+            numpy.subtract(g, to_bottom, out=to_top)  # g - g = 0 or g - 0 = g
         else:
-            # An index outside its window picks neither row.
-            picked, top = picks[plane, pair], top_at[pair]
             hit = buffers.get("hit", g.shape, bool)
-            numpy.copyto(keep[:, :, 0], numpy.equal(picked, top, out=hit))
-            numpy.copyto(keep[:, :, 1], numpy.equal(picked, top + pool.w, out=hit))
-        spread = buffers.get("spread", shape, bits)
-        numpy.copyto(spread, g[:, :, None])
-        numpy.multiply(spread, keep, out=windows_out[plane, pair])
+            numpy.copyto(to_top, numpy.equal(picks[plane, pair], top_at[pair], out=hit))
+            numpy.multiply(g, to_top, out=to_top)
+            numpy.copyto(to_bottom, numpy.equal(picks[plane, pair], bottom_at[pair], out=hit))
+            numpy.multiply(g, to_bottom, out=to_bottom)
+        numpy.copyto(windows_out[plane, pair, 0], to_top)
+        numpy.copyto(windows_out[plane, pair, 1], to_bottom)
 
     _in_blocks(block, _blocks(pool, grad_out.dtype.itemsize))
     if pool.oh > pairs:  # with ceil_mode an odd last row is its own window
