@@ -259,13 +259,17 @@ def dilation_cases(device, xp, torch, shape, dtype="float32"):
     return cases
 
 
-def pool_cases(device, xp, torch, shape, dtype="float32"):
+def pool_cases(device, xp, torch, shape, dtype="float32", key="pool2x1", group="memory",
+               label=""):
+    """The 2x1 pool's forward, backward and both, on NHWC ``shape``; ``key``
+    prefixes the cases' keys and ``label`` names the data in their titles."""
     kernel = stride = (2, 1)
     n, h, w, c = shape
     out_shape = (n, h // 2, w, c)
     itemsize = numpy.dtype(dtype).itemsize
     in_bytes = math.prod(shape) * itemsize
     out_bytes = math.prod(out_shape) * itemsize
+    data = f"{label}{_mb(in_bytes)} in"
     F = torch.nn.functional if torch is not None else None
     cases = []
 
@@ -281,8 +285,8 @@ def pool_cases(device, xp, torch, shape, dtype="float32"):
         impls.append(_direct("loop", lambda s: peers.loop_pool(s["x"], kernel, stride),
                              detail="loop over windows"))
     cases.append(Case(
-        key="pool2x1", op="max_pool2d", group="memory", device=device,
-        title=f"max_pool2d 2x1 forward, {_mb(in_bytes)} in", dtype=dtype,
+        key=key, op="max_pool2d", group=group, device=device,
+        title=f"max_pool2d 2x1 forward, {data}", dtype=dtype,
         shapes={"x": shape}, params={"kernel_size": kernel, "stride": stride},
         make_inputs=_inputs({"x": shape}, dtype), impls=impls,
         bytes=in_bytes + out_bytes, note="bytes = input read + output written",
@@ -307,8 +311,8 @@ def pool_cases(device, xp, torch, shape, dtype="float32"):
     shapes = {"x": shape, "g": out_shape}
     out_elements = math.prod(out_shape)
     cases.append(Case(
-        key="pool2x1_bwd", op="max_pool2d", group="memory", device=device,
-        title=f"max_pool2d 2x1 backward, {_mb(in_bytes)} in", dtype=dtype,
+        key=f"{key}_bwd", op="max_pool2d", group=group, device=device,
+        title=f"max_pool2d 2x1 backward, {data}", dtype=dtype,
         shapes=shapes, params={"kernel_size": kernel, "stride": stride},
         make_inputs=_inputs(shapes, dtype), impls=impls,
         bytes=out_bytes + 8 * out_elements + in_bytes,
@@ -341,8 +345,8 @@ def pool_cases(device, xp, torch, shape, dtype="float32"):
         impls.append(_direct("loop", loop_both, detail="loop over windows"))
     shapes = {"x": shape, "g": out_shape}
     cases.append(Case(
-        key="pool2x1_fwd_bwd", op="max_pool2d", group="memory", device=device,
-        title=f"max_pool2d 2x1 forward+backward, {_mb(in_bytes)} in", dtype=dtype,
+        key=f"{key}_fwd_bwd", op="max_pool2d", group=group, device=device,
+        title=f"max_pool2d 2x1 forward+backward, {data}", dtype=dtype,
         shapes=shapes, params={"kernel_size": kernel, "stride": stride},
         make_inputs=_inputs(shapes, dtype), impls=impls,
         bytes=3 * in_bytes + 2 * out_bytes,
@@ -465,6 +469,10 @@ def build_cases(device, ops=OPS, quick=False):
         cases += [c for c in dilation_cases(device, xp, torch, size["memory"]) if c.op in ops]
     if "max_pool2d" in ops:
         cases += pool_cases(device, xp, torch, size["memory"])
+        # The seed's pool: its first conv layer's output, two rows into one.
+        cases += pool_cases(device, xp, torch, (size["seed_n"], 32, 15, 64),
+                            key="seed_pool", group="seed",
+                            label=f"seed L1 output {size['seed_n']}x32x15x64, ")
     if "conv2d" in ops:
         seed = dict(kernel=(5, 3), padding=((2, 2), (1, 1)))
         n = size["seed_n"]
