@@ -2,6 +2,7 @@
 layouts, dtypes and output sizes.  Every error names the argument at fault.
 """
 
+import math
 import operator
 import typing
 
@@ -16,6 +17,10 @@ FLOAT_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32),
 #: strides and offsets computed from them then fit the kernels' 64-bit
 #: integers.
 LIMIT = 2**62
+
+#: Arrays of this many elements or more can never be made (NumPy caps an
+#: array at 2**63 - 1 bytes, and float64 is the widest dtype here).
+MAX_ELEMENTS = 2**60
 
 
 def as_int(value, name):
@@ -115,6 +120,14 @@ def native_4d(a, name, xp):
     a = native(a, xp)
     check_ndim(a, 4, name)
     return a
+
+
+def check_elements(shape, what):
+    """Raise ``ValueError`` if an array of ``shape`` could never be made;
+    ``what`` names the argument that made it so large and the array."""
+    if math.prod(shape) >= MAX_ELEMENTS:
+        raise ValueError(f"{what} would have shape {tuple(shape)}: more elements "
+                         "than any array can hold")
 
 
 def spatial_shape(shape, layout):

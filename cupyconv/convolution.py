@@ -400,10 +400,13 @@ def _work_dtype(dtype):
 
 
 def _padded_shape(geom):
-    """``(N, H + top + bottom, W + left + right, C_in)``, channels last."""
+    """``(N, H + top + bottom, W + left + right, C_in)``, channels last: the
+    NumPy path's padded copy (the kernels never make one)."""
     (top, bottom), (left, right) = geom.padding
     h, w = geom.in_hw
-    return (geom.batch, h + top + bottom, w + left + right, geom.in_channels)
+    shape = (geom.batch, h + top + bottom, w + left + right, geom.in_channels)
+    _args.check_elements(shape, "padding: the input padded")
+    return shape
 
 
 def _interior(padded, geom):

@@ -24,8 +24,10 @@ def _output_shape(a, axes, dilation, shape):
         out = list(a.shape)
         for axis, d in zip(axes, dilation):
             out[axis] *= d + 1
+        _args.check_elements(out, "dilation: the result")
         return tuple(out)
     out = _args.shape_arg(shape, a.ndim, "shape")
+    _args.check_elements(out, "shape: the result")
     steps = dict(zip(axes, dilation))
     for axis, (n, m) in enumerate(zip(a.shape, out)):
         if axis in steps:
@@ -76,7 +78,8 @@ def dilate(a, axes, dilation, *, shape=None):
     ValueError
         An axis out of range or repeated; ``len(dilation) != len(axes)``;
         a negative dilation; ``shape`` of the wrong rank, too small along a
-        dilated axis or changing another axis.
+        dilated axis or changing another axis; a result too large for any
+        array.
     TypeError
         A non-integer axis, dilation or shape entry.
 

@@ -185,6 +185,7 @@ def test_object_and_string_dtypes_work_on_the_cpu():
         (dict(axes=0, dilation=2, shape=(7, 4)), ValueError, r"shape\[1\] = 4 differs"),
         (dict(axes=0, dilation=2, shape=7), TypeError, "shape must be a tuple"),
         (dict(axes=0, dilation=2, shape=(7, -3)), ValueError, "shape entries must be >= 0"),
+        (dict(axes=0, dilation=2, shape=(2**60, 3)), ValueError, "shape: the result would have"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -193,6 +194,13 @@ def test_bad_arguments(kwargs, error, match):
     if "shape" not in kwargs:
         with pytest.raises(error, match=match):
             cc.undilate(np.ones((3, 3)), **kwargs)
+
+
+def test_a_result_too_large_for_any_array_names_dilation():
+    with pytest.raises(ValueError, match=r"dilation: the result would have shape "
+                                         r"\(6442450947, 6442450947\): more elements"):
+        cc.dilate(np.ones((3, 3)), (0, 1), 2**31)
+    assert cc.undilate(np.ones((3, 3)), (0, 1), 2**31).shape == (1, 1)
 
 
 arrays = hnp.arrays(
