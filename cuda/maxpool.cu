@@ -3,7 +3,7 @@
 // pick within its input plane) and gradient.
 //
 // A window picks its first maximum in row-major window order; a NaN beats
-// every number and the first NaN wins.  Taps outside the input are skipped,
+// every number, and of several NaNs the last wins (as in PyTorch).  Taps outside the input are skipped,
 // never read: padding acts as -inf (the dtype's minimum for integers) that is
 // never picked.  The Python side rejects windows with no input element.
 //
@@ -18,8 +18,8 @@ using cupyconv::index_t;
 namespace cupyconv {
 namespace pool {
 
-// Whether v replaces best as a window's pick (strictly greater, or the first
-// NaN).  Integers have no NaN; float16 compares in float32 (exact).
+// Whether v, a later tap, replaces best as a window's pick (strictly greater,
+// or a NaN).  Integers have no NaN; float16 compares in float32 (exact).
 template <typename T>
 __device__ __forceinline__ bool beats(T v, T best) { return v > best; }
 
@@ -38,12 +38,12 @@ __device__ __forceinline__ bool is_nan_bits(int bits) {
 template <>
 __device__ __forceinline__ bool beats<float>(float v, float best) {
     const int v_bits = __float_as_int(v), best_bits = __float_as_int(best);
-    if (is_nan_bits(v_bits)) return !is_nan_bits(best_bits);
+    if (is_nan_bits(v_bits)) return true;
     return !is_nan_bits(best_bits) && ordered(v_bits) > ordered(best_bits);
 }
 template <>
 __device__ __forceinline__ bool beats<double>(double v, double best) {
-    return v > best || (isnan(v) && !isnan(best));
+    return v > best || isnan(v);
 }
 template <>
 __device__ __forceinline__ bool beats<__half>(__half v, __half best) {

@@ -3,8 +3,8 @@ gradient.
 
 Which element a window picks is defined once and kept everywhere (values,
 indices, gradient, NumPy path and CUDA kernels): the first maximum in
-row-major window order; a NaN beats every number and the first NaN wins.
-Padding is never picked (it acts as -inf, or the dtype's minimum for
+row-major window order; a NaN beats every number, and of several NaNs the
+last in window order wins, as in PyTorch's kernels.  Padding is never picked (it acts as -inf, or the dtype's minimum for
 integers).  The values are the picked elements, except that the NumPy 2x1
 path takes them with ``numpy.maximum``, which may answer a tie of -0.0 and
 +0.0 with either zero (equal values; the indices still name the first).
@@ -89,7 +89,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
     still start inside the input or the leading padding.  Padding never wins:
     it acts as -inf (the dtype's minimum for integers).  A window picks its
     first maximum in row-major order; a window holding a NaN gives NaN (its
-    first NaN).  For example ``x`` of shape ``(N, 32, 15, C)`` pooled 2x1
+    last NaN, as PyTorch picks).  For example ``x`` of shape ``(N, 32, 15, C)`` pooled 2x1
     (``kernel_size=(2, 1)``, stride defaulting to it) gives
     ``(N, (32 - 2) // 2 + 1, (15 - 1) // 1 + 1, C) = (N, 16, 15, C)``.
 
@@ -182,7 +182,7 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
     """Gradient of :func:`max_pool2d` with respect to ``x``.
 
     Each window's gradient goes to the one element it picked (its first
-    maximum, or first NaN) and is summed where windows overlap, in a fixed
+    maximum, or last NaN) and is summed where windows overlap, in a fixed
     order, so results are deterministic.  Tied elements other than the pick
     get nothing.  Shapes: ``grad_out`` is ``max_pool2d(x, ...)``'s output
     shape; the result is ``x.shape``.
@@ -293,12 +293,12 @@ def _kept(a, keep):
 
 
 def _beats(new, best, out=None):
-    """Where ``new`` replaces ``best`` as a window's pick: strictly greater,
-    or a NaN where ``best`` is none."""
+    """Where ``new``, a later tap, replaces ``best`` as a window's pick:
+    strictly greater, or a NaN."""
     wins = numpy.greater(new, best, out=out)
     # numpy.max is NaN if any element is: a cheap screen before the search.
     if new.dtype.kind == "f" and new.size and numpy.isnan(numpy.max(new)):
-        wins |= numpy.isnan(new) & ~numpy.isnan(best)
+        wins |= numpy.isnan(new)
     return wins
 
 
@@ -401,7 +401,7 @@ def _blocks(pool, itemsize):
         return [(slice(p, p + step), slice(0, pairs))
                 for p in range(0, planes, step)]
     run = max(1, _BLOCK_BYTES // pair_bytes)
-    return [(slice(p, p + 1), slice(k, k + run))
+    return [(slice(p, p + 1), slice(k, min(k + run, pairs)))
             for p in range(planes) for k in range(0, pairs, run)]
 
 
