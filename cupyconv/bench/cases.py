@@ -292,13 +292,16 @@ def pool_cases(device, xp, torch, shape, dtype="float32", key="pool2x1", group="
         bytes=in_bytes + out_bytes, note="bytes = input read + output written",
     ))
 
-    # Backward alone, from the indices the forward returned (computed once,
-    # untimed), as a framework's backward step has them.
+    # Backward alone, in both of cupyconv's forms: picks found again from x,
+    # or read from the indices the forward returned (computed once, untimed),
+    # as a framework's backward step has them.
     def with_indices(inputs):
         _, indices = cupyconv.max_pool2d(inputs["x"], kernel, stride, return_indices=True)
         return {**inputs, "indices": indices}
 
-    impls = [Impl(peer="cupyconv", prepare=with_indices, to_canonical=_identity,
+    impls = [_direct("cupyconv", lambda s: cupyconv.max_pool2d_backward(
+                 s["g"], s["x"], kernel, stride=stride), detail="picks from x"),
+             Impl(peer="cupyconv", prepare=with_indices, to_canonical=_identity,
                   run=lambda s: cupyconv.max_pool2d_backward(
                       s["g"], s["x"], kernel, stride=stride, indices=s["indices"]),
                   detail="from indices"),

@@ -71,7 +71,10 @@ def _ours_cell(record, device):
     row = _best_row(record, "cupyconv")
     if row is None:
         return "failed", "-"
-    return fmt_time(row["median_s"]), fmt_rate(row, device)
+    text = fmt_time(row["median_s"])
+    if row.get("detail"):  # which of cupyconv's variants was fastest
+        text += f", {row['detail']}"
+    return text, fmt_rate(row, device)
 
 
 def _table_rows(results, device, groups, bold):
