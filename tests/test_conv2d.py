@@ -219,6 +219,30 @@ def test_weight_grad_is_the_same_on_every_run(monkeypatch):
         np.testing.assert_array_equal(cc.conv2d_weight(x, (3, 3, 3, 4), g, padding=1), first)
 
 
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_short_reductions_run_in_row_chunks(monkeypatch, layout):
+    """Products with a short reduction run as stacks of row chunks, with the
+    rows left over in a product of their own: same results."""
+    monkeypatch.setattr(convolution, "_CHUNK_OUTPUT_BYTES", 4 * 6 * 8)  # 4 float64 rows
+    calls = []
+    matmul = np.matmul
+
+    def counting(a, b, **kw):
+        calls.append(a.ndim)
+        return matmul(a, b, **kw)
+
+    monkeypatch.setattr(convolution.numpy, "matmul", counting)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 7, 5, 1))  # NHWC: 2*7*5 = 70 rows, 17 chunks + 2
+    w = rng.standard_normal((3, 3, 1, 6))
+    xl, wl = to_layout(x, w, layout)
+    got = cc.conv2d(xl, wl, padding=1, layout=layout)
+    monkeypatch.setattr(convolution.numpy, "matmul", matmul)
+    assert max(calls) == 4  # a stack of chunks was multiplied
+    want = reference(x, w, None, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)[0]
+    np.testing.assert_allclose(from_layout(got, layout), want, rtol=1e-12, atol=1e-12)
+
+
 def test_blocks_split_work_among_cores(monkeypatch):
     """A batch that fits one block is still cut into several per core."""
     monkeypatch.setattr(_parallel, "CPUS", 2)
