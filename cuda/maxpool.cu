@@ -3,9 +3,10 @@
 // pick within its input plane) and gradient.
 //
 // A window picks its first maximum in row-major window order; a NaN beats
-// every number, and of several NaNs the last wins (as in PyTorch).  Taps outside the input are skipped,
-// never read: padding acts as -inf (the dtype's minimum for integers) that is
-// never picked.  The Python side rejects windows with no input element.
+// every number, and of several NaNs the last wins (as in PyTorch).  Taps
+// outside the input are skipped, never read: padding acts as -inf (the
+// dtype's minimum for integers) that is never picked.  The Python side
+// rejects windows with no input element.
 //
 // Two kernels per direction: a general one (any window, stride, padding,
 // dilation, ceil_mode; one thread per output element forward, a deterministic

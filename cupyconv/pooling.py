@@ -4,10 +4,11 @@ gradient.
 Which element a window picks is defined once and kept everywhere (values,
 indices, gradient, NumPy path and CUDA kernels): the first maximum in
 row-major window order; a NaN beats every number, and of several NaNs the
-last in window order wins, as in PyTorch's kernels.  Padding is never picked (it acts as -inf, or the dtype's minimum for
-integers).  The values are the picked elements, except that the NumPy 2x1
-path takes them with ``numpy.maximum``, which may answer a tie of -0.0 and
-+0.0 with either zero (equal values; the indices still name the first).
+last in window order wins, as in PyTorch's kernels.  Padding is never picked
+(it acts as -inf, or the dtype's minimum for integers).  The values are the
+picked elements, except that the NumPy 2x1 path takes them with
+``numpy.maximum``, which may answer a tie of -0.0 and +0.0 with either zero
+(equal values; the indices still name the first).
 
 The 2x1 window with stride (2, 1) -- two rows into one, as in the price-trend
 CNNs this package serves -- has its own path on both devices; on the CPU it
@@ -89,8 +90,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
     still start inside the input or the leading padding.  Padding never wins:
     it acts as -inf (the dtype's minimum for integers).  A window picks its
     first maximum in row-major order; a window holding a NaN gives NaN (its
-    last NaN, as PyTorch picks).  For example ``x`` of shape ``(N, 32, 15, C)`` pooled 2x1
-    (``kernel_size=(2, 1)``, stride defaulting to it) gives
+    last NaN, as PyTorch picks).  For example ``x`` of shape
+    ``(N, 32, 15, C)`` pooled 2x1 (``kernel_size=(2, 1)``, stride defaulting
+    to it) gives
     ``(N, (32 - 2) // 2 + 1, (15 - 1) // 1 + 1, C) = (N, 16, 15, C)``.
 
     Parameters
