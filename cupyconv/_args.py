@@ -247,17 +247,25 @@ def pool_output_shape(size, kernel, stride, padding, dilation, ceil_mode):
                 f"kernel_size {k} (dilation {d}) is larger than the input "
                 f"along {axis}: {n} + 2*padding {p} < {d * (k - 1) + 1}"
             )
-        # First tap of each window at or after row/column 0; empty if none
-        # is left or it lies past the end.
-        start = numpy.arange(out, dtype=numpy.int64) * s - p
-        first = numpy.maximum(0, -(start // d))
-        if numpy.any((first >= k) | (start + first * d >= n)):
+        # A window starting at or after row/column 0 holds its first tap
+        # (the last window starts before the end, see pool_output_size), so
+        # only those starting in the padding, and the last, need a look: is
+        # their first tap at or after 0 still in the window and the image?
+        suspects = {*range(min(out, -(-p // s))), out - 1}
+        if any(_first_tap_misses(i * s - p, n, k, d) for i in suspects):
             raise ValueError(
                 f"dilation {d} along {axis} leaves a window with no input "
                 f"element (input {n}, kernel_size {k}, padding {p})"
             )
         shape.append(out)
     return tuple(shape)
+
+
+def _first_tap_misses(start, n, k, d):
+    """Whether a window of ``k`` taps ``d`` apart starting at ``start``
+    has no tap inside ``[0, n)``."""
+    first = max(0, -(start // d))
+    return first >= k or start + first * d >= n
 
 
 def shape_arg(value, ndim, name):

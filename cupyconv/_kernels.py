@@ -14,9 +14,12 @@ runs unchanged on NumPy buffers.
 """
 
 import contextlib
+import functools
 import pathlib
 
-__all__ = ["FAMILIES", "KernelCompileError", "cuda_source_dir", "get_function"]
+import numpy
+
+__all__ = ["FAMILIES", "KernelCompileError", "cuda_source_dir", "divisor32", "get_function"]
 
 #: Integer types that move an element of a given byte size.  Kernels that only
 #: copy elements (dilate) are instantiated per size, not per dtype.
@@ -67,6 +70,7 @@ FAMILIES = {
 COMPILE_OPTIONS = ("-std=c++17",)
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_source_dir():
     """Return the folder holding the ``.cu``/``.cuh`` sources.
 
@@ -89,15 +93,30 @@ class KernelCompileError(RuntimeError):
 
 
 class CupyProvider:
-    """Compile with ``cupy.RawModule``; one module per (source, options, device)."""
+    """Compile with ``cupy.RawModule``; one module per (source, options, device).
+
+    Launches are often shorter than Python's share of them, so the kernel
+    function itself is cached: a repeated call costs a dict lookup.
+    """
 
     def __init__(self):
         self._modules = {}
+        self._functions = {}
 
     def get_function(self, source, name_expressions, name, options):
         import cupy
 
         device = cupy.cuda.runtime.getDevice()
+        key = (source, options, device, name)
+        function = self._functions.get(key)
+        if function is None:
+            function = self._module(source, name_expressions, options, device).get_function(name)
+            self._functions[key] = function
+        return function
+
+    def _module(self, source, name_expressions, options, device):
+        import cupy
+
         key = (source, name_expressions, options, device)
         module = self._modules.get(key)
         if module is None:
@@ -113,7 +132,7 @@ class CupyProvider:
                     f"compiling {source} failed:\n{exc.get_message()}"
                 ) from exc
             self._modules[key] = module
-        return module.get_function(name)
+        return module
 
 
 _provider = CupyProvider()
@@ -142,20 +161,29 @@ def get_function(family, name):
     ``kernel(grid, block, args, shared_mem=0)``, with ``args`` a tuple of
     arrays and NumPy scalars of the exact C types the kernel declares.
     """
-    expressions = FAMILIES[family]
+    source, expressions, options = _family_inputs(family)
     if name not in expressions:
         raise KeyError(f"{name!r} is not declared for cuda/{family}.cu")
+    return _provider.get_function(source, expressions, name, options)
+
+
+@functools.lru_cache(maxsize=None)
+def _family_inputs(family):
+    """``(source path, name expressions, compile options)`` of a family."""
     source_dir = cuda_source_dir()
-    options = COMPILE_OPTIONS + (f"-I{source_dir}",)
-    return _provider.get_function(
-        source_dir / f"{family}.cu", expressions, name, options
-    )
+    return (source_dir / f"{family}.cu", FAMILIES[family],
+            COMPILE_OPTIONS + (f"-I{source_dir}",))
+
+
+def device_id(xp):
+    """The current CUDA device's number for CuPy, ``None`` for NumPy."""
+    return None if xp is numpy else xp.cuda.runtime.getDevice()
 
 
 def data_pointer(a):
     """Address of ``a``'s first element (a CuPy or a NumPy array)."""
-    interface = getattr(a, "__cuda_array_interface__", None) or a.__array_interface__
-    return interface["data"][0]
+    ptr = getattr(a.data, "ptr", None)  # a CuPy array's cupy.cuda.MemoryPointer
+    return ptr if ptr is not None else a.__array_interface__["data"][0]
 
 
 def kernel_operand(a, contiguous=False):
@@ -167,6 +195,25 @@ def kernel_operand(a, contiguous=False):
     if misaligned or (contiguous and not a.flags.c_contiguous):
         return a.copy()
     return a
+
+
+#: Kernels given a fast_index flag divide with divisor32 (exact below
+#: 2**31) when every number they divide or split is below this; the tests
+#: lower it to run their 64-bit paths.
+FAST_INDEX_LIMIT = 2**31
+
+
+def fast_index(*sizes):
+    """The kernels' ``fast_index`` flag: every size below FAST_INDEX_LIMIT."""
+    return numpy.int32(max(sizes) < FAST_INDEX_LIMIT)
+
+
+def divisor32(d):
+    """``(magic, shift)`` of the kernels' ``cupyconv::divisor32`` for a
+    divisor ``1 <= d < 2**31``: ``n // d == ((n * magic >> 32) + n) >> shift``
+    for every ``0 <= n < 2**31`` (the sum fits 32 bits since ``magic < 2**32``)."""
+    shift = (d - 1).bit_length()
+    return ((1 << 32) * ((1 << shift) - d)) // d + 1, shift
 
 
 def grid_for(n, threads=256, max_blocks=8192):
