@@ -1,5 +1,5 @@
 // Shared by every cupyconv kernel: index type, grid-stride helpers,
-// float16 accumulation and a 16-byte element for copies of complex128.
+// float16 accumulation, 16-byte copies and fast division.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -17,9 +17,27 @@ __device__ __forceinline__ index_t grid_stride() {
     return (index_t)gridDim.x * blockDim.x;
 }
 
-// An opaque 16-byte element (complex128), aligned like its 8-byte halves.
-struct alignas(8) bytes16 {
+// 16 opaque bytes moved by one aligned load or store.
+struct alignas(16) bytes16 {
     unsigned long long lo, hi;
+};
+
+// Division by a runtime constant d (1 <= d < 2**31) of an n < 2**31 as a
+// multiply-high, an add and a shift (magic and shift from the host's
+// cupyconv._kernels.divisor32); a 64-bit division costs dozens of
+// instructions.
+struct divisor32 {
+    unsigned int magic, shift;
+    __device__ __forceinline__ unsigned int operator()(unsigned int n) const {
+        return (__umulhi(n, magic) + n) >> shift;
+    }
+    // The same numbers computed on the device, for a thread that divides by
+    // d (1 <= d < 2**31) several times: one 64-bit division.
+    __device__ __forceinline__ static divisor32 of(index_t d) {
+        const unsigned int shift = 32 - __clz((int)(d - 1));
+        const unsigned long long magic = ((1ull << 32) * ((1ull << shift) - d)) / d + 1;
+        return {(unsigned int)magic, shift};
+    }
 };
 
 // Accumulator type per element type: float16 sums in float32.

@@ -18,6 +18,7 @@ import pytest
 import cupyconv as cc
 import cpu_cuda
 from cupyconv import _kernels
+from cupyconv import dilation as dilation_module
 
 from conftest import FULL_SUITE, TESTS_DIR
 
@@ -69,6 +70,11 @@ def _cases():
         "minimal-shape": (lambda a: a[:4, :3, 0], (0, 1), (1, 2), (7, 7)),
         "zero-length-axis": (lambda a: a[:0, :4, 0], (0, 1), (1, 1), None),
         "zero-length-other-axis": (lambda a: a[:3, :0, 0], 0, 2, None),
+        # Trailing runs not dilated move as wider words (5 and 4 elements).
+        "contiguous-tail": (lambda a: a, (0, 1), (1, 2), None),
+        "tail-of-4": (lambda a: a[:, 1:, :4], (0, 1), (2, 1), None),
+        "length-1-axes-between": (lambda a: a[:, :1, :4, None], (0, 2), 1, None),
+        "four-axes": (lambda a: a.reshape(2, 3, 7, 5), (0, 1, 2), (1, 2, 1), None),
     }, base
 
 
@@ -105,6 +111,70 @@ def test_undilate_zero_dimensional(cpu_kernels, dtype):
     expected = numpy_path(cc.undilate, a, (), ())
     assert isinstance(expected, np.ndarray)
     assert_same_bits(cc.undilate(a, (), ()), expected)
+
+
+@pytest.mark.parametrize("case", ["2d-both-axes", "contiguous-tail", "negative-strided-3d",
+                                  "explicit-shape", "length-1-axes-between"])
+def test_64_bit_index_path(cpu_kernels, monkeypatch, case):
+    """Outputs of 2**31 elements and more decode positions with 64-bit
+    divisions; shown here on small inputs by lowering the threshold."""
+    monkeypatch.setattr(_kernels, "FAST_INDEX_LIMIT", 0)
+    select, axes, d, shape = CASES[case]
+    a = select(random_array(BASE_SHAPE.shape, np.float32, seed=4))
+    assert_same_bits(cc.dilate(a, axes, d, shape=shape),
+                     numpy_path(cc.dilate, a, axes, d, shape=shape))
+    assert_same_bits(cc.undilate(a, axes, d), numpy_path(cc.undilate, a, axes, d))
+
+
+@pytest.mark.parametrize("limit", [2**31, 0], ids=["32-bit", "64-bit"])
+def test_many_axes(cpu_kernels, monkeypatch, limit):
+    """More axes than the kernel's unrolled cases (4) after merging."""
+    monkeypatch.setattr(_kernels, "FAST_INDEX_LIMIT", limit)
+    a = random_array((2, 3, 2, 3, 2, 3), np.int16, seed=6)[..., ::-1]
+    axes, d = (0, 1, 2, 3, 4), (1, 0, 2, 1, 3)
+    assert len(dilation_module._merged_axes(
+        a.shape, a.shape, (2, 1, 3, 2, 4, 1), a.strides)) == 6
+    assert_same_bits(cc.dilate(a, axes, d), numpy_path(cc.dilate, a, axes, d))
+    assert_same_bits(cc.undilate(a, axes, d), numpy_path(cc.undilate, a, axes, d))
+
+
+def test_gather_merges_axes_and_moves_wide_words():
+    # NHWC float32, 16 channels, dilated along H and W: the channels move as
+    # four 16-byte words and the batch axis stays, the length-1 axis goes.
+    axes = dilation_module._merged_axes((8, 1, 31, 31, 16), (8, 1, 16, 16, 16), (1, 1, 2, 2, 1),
+                                 (16384, 16384, 1024, 64, 4))
+    assert axes == [(8, 8, 1, 16384), (31, 16, 2, 1024), (31, 16, 2, 64), (16, 16, 1, 4)]
+    assert dilation_module._in_units(axes, 4, 4096) == (16, axes[:3] + [(4, 4, 1, 16)])
+    # Contiguous axes not dilated merge into one; a misaligned address
+    # narrows the words, down to parts of one element.
+    assert dilation_module._merged_axes((4, 5, 6), (4, 5, 6), (1, 1, 1), (240, 48, 8)) == [(120, 120, 1, 8)]
+    assert dilation_module._in_units([(120, 120, 1, 8)], 8, 4100) == (4, [(240, 240, 1, 4)])
+    assert dilation_module._in_units([(9, 5, 2, 16)], 8, 4098) == (2, [(9, 5, 2, 16), (4, 4, 1, 2)])
+
+
+def test_axis_table_is_made_once_per_geometry(cpu_kernels):
+    """Repeated calls reuse the kernel's table of axes: on a GPU a fresh one
+    would be a host-to-device copy that waits for the queue to drain."""
+    a = random_array((4, 6, 8), np.float32, seed=8)
+    cc.dilate(a, (0, 1), 1)
+    before = dilation_module._axis_table.cache_info()
+    for _ in range(3):
+        cc.dilate(a, (0, 1), 1)
+    after = dilation_module._axis_table.cache_info()
+    assert after.hits == before.hits + 3 and after.misses == before.misses
+
+
+def test_divisor32_is_exact():
+    rng = np.random.default_rng(0)
+    divisors = np.concatenate([np.arange(1, 300), 2 ** np.arange(31), 2 ** np.arange(2, 31) - 1,
+                               rng.integers(1, 2**31, 500)])
+    for d in divisors.tolist():
+        magic, shift = _kernels.divisor32(d)
+        assert 0 < magic < 2**32
+        n = np.concatenate([rng.integers(0, 2**31, 200), [0, d - 1, d, 2**31 - 1],
+                            np.minimum(np.arange(1, 40) * d, 2**31 - 1) - 1]).astype(np.uint64)
+        got = (((n * np.uint64(magic)) >> np.uint64(32)) + n) >> np.uint64(shift)
+        np.testing.assert_array_equal(got, n // np.uint64(d), err_msg=f"divisor {d}")
 
 
 def test_roundtrip_through_kernels(cpu_kernels):
