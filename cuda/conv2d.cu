@@ -16,7 +16,8 @@
 // kernel serves NHWC, NCHW and strided views alike.
 //
 // A block of 256 threads computes a 64 x 64 tile of C; each thread owns a
-// 4 x 4 register micro-tile.  The reduction advances 16 at a time through
+// 4 x 4 register micro-tile of 4 consecutive rows and 4 consecutive columns,
+// which it reads from shared memory as one 16-byte word each.  The reduction advances 16 at a time through
 // double-buffered shared memory: the next 16-deep slices of A and B are
 // fetched into registers while the current ones are multiplied, so one
 // barrier per step suffices.  Row tiles, column tiles, groups and (for the
@@ -46,9 +47,11 @@ constexpr int kThreads = 256;
 constexpr int kLanes = 16;      // threads along each side of the C tile
 constexpr int kMicro = kTile / kLanes;                      // 4 x 4 per thread
 constexpr int kPerThread = kTile * kTileK / kThreads;       // loads per slice
-// Row pitch of a slice: with 66 (= 2 mod 32) both fill patterns, along rows
-// and along k, hit 32 distinct banks.
-constexpr int kPitch = kTile + 2;
+// Row pitch of a slice, a multiple of 4 so that every micro-tile's 4 rows
+// (or columns) start on 16 bytes: one 16-byte shared load feeds 4 of a
+// thread's 16 multiply-adds per step, where 4-byte loads made the loop wait
+// on shared memory.
+constexpr int kPitch = kTile + 4;
 // The loaders give each thread one reduction index and kPerThread rows.
 static_assert(kThreads == kLanes * kTileK && kTile == kLanes * kPerThread,
               "tile shape and thread count do not match");
@@ -136,20 +139,18 @@ struct PixelWalk {
     }
 };
 
-// x[n, iy, ix, c], zero in the padding.
-template <typename T>
-__device__ __forceinline__ Acc<T> input_at(const T* x, const TensorStrides& s,
-                                           const Geometry& g, index_t n,
-                                           index_t iy, index_t ix, index_t c) {
-    const bool inside = iy >= 0 && iy < g.height && ix >= 0 && ix < g.width;
-    return inside ? cupyconv::to_acc(x[n * s.n + iy * s.h + ix * s.w + c * s.c])
-                  : Acc<T>(0);
+// Whether 0 <= v < size, in one unsigned comparison.
+__device__ __forceinline__ bool below(index_t v, index_t size) {
+    return (unsigned long long)v < (unsigned long long)size;
 }
 
 // ---- GEMM operands ----------------------------------------------------------
-// Each operand is a virtual matrix [rows x k]: row(r) precomputes what does
-// not depend on k, walk steps the reduction index, at(row, position) gathers
-// one element.
+// Each operand is a virtual matrix [rows x k].  row(r) precomputes what
+// depends on the row alone, step(position) what depends on the reduction
+// index alone (once per slice: a loader thread has one reduction index and
+// kPerThread rows), and at(row, step) gathers one element from the two with
+// a few additions and comparisons.  Doing the 64-bit multiplications per
+// element instead made the loaders most of the kernels' instructions.
 
 // Forward A: output pixel p, tap k -> x at the tap's position in p's window.
 template <typename T>
@@ -159,15 +160,23 @@ struct ForwardInput {
     TensorStrides s;
     Geometry g;
     Walk walk;   // over (kernel_h, kernel_w, cin_g)
-    struct Row { index_t n, y0, x0; };  // window corner, may lie in padding
+    // Window corner (may lie in the padding) and its offset in x.
+    struct Row { index_t y0, x0, offset; };
+    // The tap's position relative to the corner, and its offset.
+    struct Step { index_t dy, dx, offset; };
     __device__ Row row(index_t p) const {
         const Pixel px = split_pixel(p, g.out_height, g.out_width);
-        return Row{px.n, px.y * g.stride_h - g.pad_top,
-                   px.x * g.stride_w - g.pad_left};
+        const index_t y0 = px.y * g.stride_h - g.pad_top;
+        const index_t x0 = px.x * g.stride_w - g.pad_left;
+        return Row{y0, x0, px.n * s.n + y0 * s.h + x0 * s.w};
     }
-    __device__ Acc<T> at(const Row& r, const Tap& t) const {
-        return input_at(x, s, g, r.n, r.y0 + t.i * g.dilation_h,
-                        r.x0 + t.j * g.dilation_w, t.c);
+    __device__ Step step(const Tap& t) const {
+        const index_t dy = t.i * g.dilation_h, dx = t.j * g.dilation_w;
+        return Step{dy, dx, dy * s.h + dx * s.w + t.c * s.c};
+    }
+    __device__ Acc<T> at(const Row& r, const Step& t) const {
+        const bool inside = below(r.y0 + t.dy, g.height) && below(r.x0 + t.dx, g.width);
+        return inside ? cupyconv::to_acc(x[r.offset + t.offset]) : Acc<T>(0);
     }
 };
 
@@ -180,15 +189,23 @@ struct WeightGradInput {
     TensorStrides s;
     Geometry g;
     Walk walk;  // over (batch, out_height, out_width)
-    struct Row { index_t dy, dx, c; };  // tap offset from the window's origin
+    // The tap's position relative to a window's corner, and its offset.
+    struct Row { index_t dy, dx, offset; };
+    // The output pixel's window corner and its offset.
+    struct Step { index_t y0, x0, offset; };
     __device__ Row row(index_t t) const {
         const Tap tap = split_tap(t, g.kernel_w, g.cin_g);
-        return Row{tap.i * g.dilation_h - g.pad_top,
-                   tap.j * g.dilation_w - g.pad_left, tap.c};
+        const index_t dy = tap.i * g.dilation_h - g.pad_top;
+        const index_t dx = tap.j * g.dilation_w - g.pad_left;
+        return Row{dy, dx, dy * s.h + dx * s.w + tap.c * s.c};
     }
-    __device__ Acc<T> at(const Row& r, const Pixel& p) const {
-        return input_at(x, s, g, p.n, p.y * g.stride_h + r.dy,
-                        p.x * g.stride_w + r.dx, r.c);
+    __device__ Step step(const Pixel& p) const {
+        const index_t y0 = p.y * g.stride_h, x0 = p.x * g.stride_w;
+        return Step{y0, x0, p.n * s.n + y0 * s.h + x0 * s.w};
+    }
+    __device__ Acc<T> at(const Row& r, const Step& p) const {
+        const bool inside = below(p.y0 + r.dy, g.height) && below(p.x0 + r.dx, g.width);
+        return inside ? cupyconv::to_acc(x[p.offset + r.offset]) : Acc<T>(0);
     }
 };
 
@@ -202,16 +219,29 @@ struct InputGradOutput {
     TensorStrides s;
     Geometry g;
     Walk walk;  // over (kernel_h, kernel_w, cout_g)
-    struct Row { index_t n, y, x; };  // p's position in the padded input
+    // p's position in the padded input, and (for unit strides) the offset
+    // grad_out would have at that output position.
+    struct Row { index_t n, y, x, offset; };
+    // The tap's shift and channel; for unit strides the whole offset.
+    struct Step { index_t dy, dx, c, offset; };
     __device__ Row row(index_t p) const {
         const Pixel px = split_pixel(p, g.height, g.width);
-        return Row{px.n, px.y + g.pad_top, px.x + g.pad_left};
+        const index_t y = px.y + g.pad_top, x = px.x + g.pad_left;
+        return Row{px.n, y, x, px.n * s.n + y * s.h + x * s.w};
     }
-    __device__ Acc<T> at(const Row& r, const Tap& t) const {
+    __device__ Step step(const Tap& t) const {
+        const index_t dy = t.i * g.dilation_h, dx = t.j * g.dilation_w;
+        return Step{dy, dx, t.c, t.c * s.c - dy * s.h - dx * s.w};
+    }
+    __device__ Acc<T> at(const Row& r, const Step& t) const {
         // Output row oy reaches padded row y through tap i iff
         // oy * stride_h + i * dilation_h == y.
-        const index_t ny = r.y - t.i * g.dilation_h;
-        const index_t nx = r.x - t.j * g.dilation_w;
+        const index_t ny = r.y - t.dy;
+        const index_t nx = r.x - t.dx;
+        if (g.stride_h == 1 && g.stride_w == 1) {  // the same for every thread
+            const bool hit = below(ny, g.out_height) && below(nx, g.out_width);
+            return hit ? cupyconv::to_acc(grad_out[r.offset + t.offset]) : Acc<T>(0);
+        }
         const index_t oy = ny / g.stride_h;
         const index_t ox = nx / g.stride_w;
         const bool hit = ny >= 0 && nx >= 0 && oy * g.stride_h == ny &&
@@ -233,10 +263,13 @@ struct KernelTaps {
     index_t stride_i, stride_j, stride_r, stride_col;
     Walk walk;   // over (kernel_h, kernel_w, extent of r)
     struct Row { index_t offset; };
+    struct Step { index_t offset; };
     __device__ Row row(index_t col) const { return Row{col * stride_col}; }
-    __device__ Acc<T> at(const Row& r, const Tap& t) const {
-        return cupyconv::to_acc(
-            w[r.offset + t.i * stride_i + t.j * stride_j + t.c * stride_r]);
+    __device__ Step step(const Tap& t) const {
+        return Step{t.i * stride_i + t.j * stride_j + t.c * stride_r};
+    }
+    __device__ Acc<T> at(const Row& r, const Step& t) const {
+        return cupyconv::to_acc(w[r.offset + t.offset]);
     }
 };
 
@@ -248,10 +281,13 @@ struct WeightGradOutput {
     TensorStrides s;
     Walk walk;  // over (batch, out_height, out_width)
     struct Row { index_t offset; };
+    struct Step { index_t offset; };
     __device__ Row row(index_t co) const { return Row{co * s.c}; }
-    __device__ Acc<T> at(const Row& r, const Pixel& p) const {
-        return cupyconv::to_acc(
-            grad_out[p.n * s.n + p.y * s.h + p.x * s.w + r.offset]);
+    __device__ Step step(const Pixel& p) const {
+        return Step{p.n * s.n + p.y * s.h + p.x * s.w};
+    }
+    __device__ Acc<T> at(const Row& r, const Step& p) const {
+        return cupyconv::to_acc(grad_out[p.offset + r.offset]);
     }
 };
 
@@ -290,8 +326,10 @@ struct TileLoader {
     }
     // This thread's elements of the next slice; moves on to the one after.
     __device__ void fetch(index_t k_end, A (&v)[kPerThread]) {
+        const bool k_ok = k < k_end;
+        const typename Operand::Step step = op.step(position);
         for (int r = 0; r < kPerThread; ++r) {
-            v[r] = (row_ok[r] && k < k_end) ? op.at(rows[r], position) : A(0);
+            v[r] = (row_ok[r] && k_ok) ? op.at(rows[r], step) : A(0);
         }
         k += kTileK;
         op.walk.advance(position);
@@ -304,21 +342,29 @@ struct TileLoader {
 };
 
 template <typename A>
-struct SharedSlices {
+struct alignas(16) SharedSlices {
     A a[2][kTileK * kPitch];
     A b[2][kTileK * kPitch];
 };
 
+// A micro-tile's 4 values along one side, loaded from a slice at once.
+template <typename A>
+struct alignas(16) Quad {
+    A v[kMicro];
+};
+
 // This thread's place in the 16 x 16 thread grid over the C tile; it owns
-// rows lane_row + 16*i and columns lane_col + 16*j (strided, so reads of a
-// slice row are conflict-free).  lanes_along_rows makes consecutive threads
-// differ in row, for outputs whose rows are adjacent in memory.
+// rows kMicro*row + i and columns kMicro*col + j.  A warp then reads 2
+// distinct quads of one operand (a broadcast) and 16 adjacent ones of the
+// other per step, the least shared-memory traffic for its 512 products.
+// lanes_along_rows makes consecutive threads differ in row, for outputs
+// whose rows are adjacent in memory.
 struct Lane {
     int row, col;
     __device__ explicit Lane(bool lanes_along_rows) {
         const int t = threadIdx.x;
-        row = lanes_along_rows ? t % kLanes : t / kLanes;
-        col = lanes_along_rows ? t / kLanes : t % kLanes;
+        row = (lanes_along_rows ? t % kLanes : t / kLanes) * kMicro;
+        col = (lanes_along_rows ? t / kLanes : t % kLanes) * kMicro;
     }
 };
 
@@ -353,14 +399,12 @@ __device__ void multiply_tiles(TileLoader<OpA, A>& a, TileLoader<OpB, A>& b,
         const A* a_slice = smem.a[buffer];
         const A* b_slice = smem.b[buffer];
         for (int kk = 0; kk < kTileK; ++kk) {
-            A av[kMicro];
-            A bv[kMicro];
+            const Quad<A> av =
+                *reinterpret_cast<const Quad<A>*>(a_slice + kk * kPitch + lane.row);
+            const Quad<A> bv =
+                *reinterpret_cast<const Quad<A>*>(b_slice + kk * kPitch + lane.col);
             for (int i = 0; i < kMicro; ++i) {
-                av[i] = a_slice[kk * kPitch + lane.row + i * kLanes];
-                bv[i] = b_slice[kk * kPitch + lane.col + i * kLanes];
-            }
-            for (int i = 0; i < kMicro; ++i) {
-                for (int j = 0; j < kMicro; ++j) acc[i][j] += av[i] * bv[j];
+                for (int j = 0; j < kMicro; ++j) acc[i][j] += av.v[i] * bv.v[j];
             }
         }
         // The other buffer was last read before the previous barrier.
@@ -400,12 +444,12 @@ __device__ void store_pixel_tile(T* out, const TensorStrides& s,
                                  const T* bias, index_t bias_stride,
                                  bool has_bias) {
     for (int i = 0; i < kMicro; ++i) {
-        const index_t p = tile.row0 + lane.row + i * kLanes;
+        const index_t p = tile.row0 + lane.row + i;
         if (p >= pixels) continue;
         const Pixel px = split_pixel(p, height, width);
         T* out_pixel = out + px.n * s.n + px.y * s.h + px.x * s.w;
         for (int j = 0; j < kMicro; ++j) {
-            const index_t c = tile.col0 + lane.col + j * kLanes;
+            const index_t c = tile.col0 + lane.col + j;
             if (c >= channels) continue;
             const A shift =
                 has_bias ? cupyconv::to_acc(bias[c * bias_stride]) : A(0);
@@ -536,9 +580,9 @@ __global__ void __launch_bounds__(conv2d::kThreads, 2) conv2d_weight_grad_igemm(
 
     A* out = partial + (tile.split * g.groups + tile.group) * taps * g.cout_g;
     for (int i = 0; i < kMicro; ++i) {
-        const index_t t = tile.row0 + lane.row + i * kLanes;
+        const index_t t = tile.row0 + lane.row + i;
         for (int j = 0; j < kMicro; ++j) {
-            const index_t co = tile.col0 + lane.col + j * kLanes;
+            const index_t co = tile.col0 + lane.col + j;
             if (t < taps && co < g.cout_g) out[t * g.cout_g + co] = acc[i][j];
         }
     }
