@@ -326,3 +326,18 @@ def test_core_speed_probe_and_uneven_cores_warning(quick_run):
     result["machine"]["core_speed_ms_end"] = {"0": 7.1, "1": 10.4}
     assert "at the end of this run the cores ran at unequal speed" in report.markdown(
         result, None, "no plot")
+
+
+def test_report_of_one_part_names_it(quick_run):
+    """A --cpu-only or --gpu-only report says which part it holds; the CPU
+    load warnings appear only where CPU times were measured."""
+    result = copy.deepcopy(quick_run[1])
+    result["machine"]["core_speed_ms"] = {"0": 7.0, "1": 10.4}
+    text = report.markdown(result, None, "no plot")
+    assert text.startswith("# Benchmarks: CPU\n") and "unequal speed" in text
+    result["settings"]["devices"] = ["gpu"]
+    result["results"] = []
+    text = report.markdown(result, None, "no plot")
+    assert text.startswith("# Benchmarks: GPU\n") and "unequal speed" not in text
+    result["settings"]["devices"] = ["gpu", "cpu"]
+    assert report.markdown(result, None, "no plot").startswith("# Benchmarks\n")
