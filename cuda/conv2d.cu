@@ -11,6 +11,9 @@
 //   conv2d_input_grad_igemm input pixels       C_in/g     taps (i, j, c_out)
 //   conv2d_weight_grad_igemm taps (i, j, c_in) C_out/g    output pixels
 //
+// With 4 input channels per group or fewer, conv2d_input_grad_direct
+// computes the input gradient instead, one thread per input element.
+//
 // Tensors are addressed through element strides given in semantic order,
 // (n, h, w, c) for activations and (i, j, c_in, c_out) for weights, so one
 // kernel serves NHWC, NCHW and strided views alike.
@@ -536,6 +539,52 @@ __global__ void __launch_bounds__(conv2d::kThreads, 2) conv2d_input_grad_igemm(
     store_pixel_tile(grad_x + tile.group * g.cin_g * gx_sc, gxs, g.height,
                      g.width, pixels, g.cin_g, tile, lane, acc, grad_x, 0,
                      false);
+}
+
+// The same gradient for few input channels per group (a first layer's 1
+// or 3), where the implicit GEMM would spend most of its 64-column tiles on
+// channels that do not exist: one thread per input element (n, y, x, c),
+// c fastest, sums over the taps that reach it, then over the group's output
+// channels, in that fixed order.  count = N * H * W * C_in.
+template <typename T>
+__global__ void conv2d_input_grad_direct(
+    const T* __restrict__ grad_out, const T* __restrict__ w,
+    T* __restrict__ grad_x, CONV2D_GEOMETRY_PARAMS,
+    index_t go_sn, index_t go_sh, index_t go_sw, index_t go_sc,
+    index_t w_si, index_t w_sj, index_t w_scin, index_t w_scout,
+    index_t gx_sn, index_t gx_sh, index_t gx_sw, index_t gx_sc, index_t count) {
+    using namespace conv2d;
+    const Geometry g = CONV2D_GEOMETRY;
+    const index_t channels = g.cin_g * g.groups;
+    for (index_t e = cupyconv::global_thread_id(); e < count;
+         e += cupyconv::grid_stride()) {
+        const index_t c = e % channels;
+        const Pixel px = split_pixel(e / channels, g.height, g.width);
+        const index_t group = c / g.cin_g;
+        const T* go = grad_out + px.n * go_sn + group * g.cout_g * go_sc;
+        const T* wc = w + (c - group * g.cin_g) * w_scin + group * g.cout_g * w_scout;
+        Acc<T> sum = 0;
+        for (index_t i = 0; i < g.kernel_h; ++i) {
+            // Output row oy reaches row y through tap i iff
+            // oy * stride_h + i * dilation_h == y + pad_top.
+            const index_t ny = px.y + g.pad_top - i * g.dilation_h;
+            const index_t oy = ny / g.stride_h;
+            if (ny < 0 || oy * g.stride_h != ny || oy >= g.out_height) continue;
+            for (index_t j = 0; j < g.kernel_w; ++j) {
+                const index_t nx = px.x + g.pad_left - j * g.dilation_w;
+                const index_t ox = nx / g.stride_w;
+                if (nx < 0 || ox * g.stride_w != nx || ox >= g.out_width) continue;
+                const T* go_tap = go + oy * go_sh + ox * go_sw;
+                const T* w_tap = wc + i * w_si + j * w_sj;
+                for (index_t co = 0; co < g.cout_g; ++co) {
+                    sum += cupyconv::to_acc(go_tap[co * go_sc]) *
+                           cupyconv::to_acc(w_tap[co * w_scout]);
+                }
+            }
+        }
+        grad_x[px.n * gx_sn + px.y * gx_sh + px.x * gx_sw + c * gx_sc] =
+            cupyconv::from_acc<T>(sum);
+    }
 }
 
 // Partial weight gradient of one reduction split:

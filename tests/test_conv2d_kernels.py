@@ -12,7 +12,7 @@ import pytest
 
 import cupyconv
 import cpu_cuda
-from cupyconv import _conv2d_cuda
+from cupyconv import _conv2d_cuda, _kernels
 
 # ---- float64 reference --------------------------------------------------------
 
@@ -266,12 +266,40 @@ def test_reference_matches_torch(case):
 # ---- kernels on the CPU executor -----------------------------------------------
 
 
+#: The two input-gradient kernels, chosen by channels per group.
+INPUT_GRAD_ROUTES = {"gemm": 0, "direct": 2**62}
+
+
+@pytest.fixture(params=sorted(INPUT_GRAD_ROUTES))
+def input_grad_route(request, monkeypatch):
+    """Every case through the implicit GEMM and through the direct kernel."""
+    monkeypatch.setattr(_conv2d_cuda, "_DIRECT_INPUT_GRAD_CHANNELS",
+                        INPUT_GRAD_ROUTES[request.param])
+    return request.param
+
+
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=repr)
-def test_kernels_match_reference(cpu_kernels, case):
+def test_kernels_match_reference(cpu_kernels, input_grad_route, case):
     run_case(case, *case.arrays())
 
 
-def test_unread_input_pixels_get_zero_gradient(cpu_kernels):
+def test_direct_input_grad_is_chosen_for_few_channels(cpu_kernels, monkeypatch):
+    launched = []
+    real = _kernels.get_function
+    monkeypatch.setattr(_kernels, "get_function",
+                        lambda family, name: launched.append(name) or real(family, name))
+    for c_in, kernel in ((4, "conv2d_input_grad_direct<float>"),
+                         (5, "conv2d_input_grad_igemm<float>")):
+        case = Case(1, 6, 5, c_in, 3, (3, 3), padding=((1, 1), (1, 1)), dtype=np.float32)
+        _, w, _, grad_out = case.arrays()
+        launched.clear()
+        grad_x = _conv2d_cuda.conv2d_input_grad(w, grad_out, case.geom)
+        assert launched == [kernel]
+        assert_close(grad_x, reference_input_grad(w, grad_out, case.x_shape, *case.params()),
+                     case.dtype)
+
+
+def test_unread_input_pixels_get_zero_gradient(cpu_kernels, input_grad_route):
     case = KERNEL_CASES[5]
     x, w, bias, grad_out = case.arrays()
     grad_x = _conv2d_cuda.conv2d_input_grad(w, grad_out, case.geom)
@@ -295,7 +323,7 @@ def test_weight_grad_split_reduction(cpu_kernels):
                                                *case.params()), case.dtype)
 
 
-def test_non_contiguous_inputs(cpu_kernels):
+def test_non_contiguous_inputs(cpu_kernels, input_grad_route):
     """Strided and reversed views are read in place, in either layout."""
     for case in (
         Case(2, 5, 6, 3, 4, (3, 2), stride=(2, 1), padding=((1, 2), (0, 1)),
