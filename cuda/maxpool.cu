@@ -79,10 +79,47 @@ __device__ __forceinline__ bool aligned16(const void* p) {
 // every `inner` elements.
 struct columns {
     index_t w, rest, inner;
-    __device__ __forceinline__ columns(index_t l, index_t inner_)
-        : w(l / inner_), rest(l % inner_), inner(inner_) {}
+    __device__ __forceinline__ columns(index_t w_, index_t rest_, index_t inner_)
+        : w(w_), rest(rest_), inner(inner_) {}
     __device__ __forceinline__ void next() {
         if (++rest == inner) { rest = 0; ++w; }
+    }
+};
+
+// Where pack v of planes of `rows` rows of `row` elements (N per pack)
+// starts: plane, row in the plane, element in the row and that element's
+// image column and channel (element = w * inner + rest).  With fast_index
+// (every number below 2**31) the divisions take divisor32's few
+// instructions; 64-bit divisions cost dozens and kept the kernels short of
+// memory speed.
+struct pack_position {
+    index_t plane, r, l, w, rest;
+};
+
+struct pack_splitter {
+    index_t packs_per_row, rows, inner;
+    bool fast;
+    divisor32 by_row, by_plane, by_inner;
+
+    __device__ __forceinline__ pack_splitter(index_t row, int N, index_t rows_, index_t inner_,
+                                             bool fast_)
+        : packs_per_row(row / N), rows(rows_), inner(inner_), fast(fast_) {
+        if (fast) {
+            by_row = divisor32::of(packs_per_row);
+            by_plane = divisor32::of(rows);
+            by_inner = divisor32::of(inner);
+        }
+    }
+
+    __device__ __forceinline__ pack_position operator()(index_t v, int N) const {
+        pack_position p;
+        const index_t plane_row = fast ? by_row((unsigned int)v) : v / packs_per_row;
+        p.l = (v - plane_row * packs_per_row) * N;
+        p.plane = fast ? by_plane((unsigned int)plane_row) : plane_row / rows;
+        p.r = plane_row - p.plane * rows;
+        p.w = fast ? by_inner((unsigned int)p.l) : p.l / inner;
+        p.rest = p.l - p.w * inner;
+        return p;
     }
 };
 
@@ -91,14 +128,14 @@ template <int N, typename T>
 __device__ __forceinline__ void pool2x1_forward(
         const T* __restrict__ in, T* __restrict__ out, index_t* __restrict__ indices,
         bool with_indices, index_t planes, index_t H, index_t OH, index_t row,
-        index_t inner, index_t W) {
+        index_t inner, index_t W, bool fast_index) {
     const index_t n_packs = planes * OH * row / N;
+    if (n_packs == 0) return;
+    const pack_splitter split(row, N, OH, inner, fast_index);
     for (index_t v = global_thread_id(); v < n_packs; v += grid_stride()) {
+        const pack_position at_v = split(v, N);
         const index_t o = v * N;
-        const index_t out_row = o / row;  // plane * OH + oh
-        const index_t l = o - out_row * row;
-        const index_t plane = out_row / OH;
-        const index_t oh = out_row - plane * OH;
+        const index_t l = at_v.l, plane = at_v.plane, oh = at_v.r;
         const index_t top = (plane * H + 2 * oh) * row + l;
         // With ceil_mode an odd H leaves a last window of one row.
         const bool has_bottom = 2 * oh + 1 < H;
@@ -113,7 +150,7 @@ __device__ __forceinline__ void pool2x1_forward(
         store<N>(out + o, picked);
         if (with_indices) {
             pack<index_t, N> at;
-            columns col(l, inner);
+            columns col(at_v.w, at_v.rest, inner);
             for (int k = 0; k < N; ++k) {
                 at.v[k] = (2 * oh + bottom[k]) * W + col.w;
                 col.next();
@@ -131,16 +168,15 @@ __device__ __forceinline__ void pool2x1_backward(
         const T* __restrict__ grad_out, const T* __restrict__ in,
         const index_t* __restrict__ indices, bool with_indices,
         T* __restrict__ grad_in, index_t planes, index_t H, index_t OH,
-        index_t row, index_t inner, index_t W) {
+        index_t row, index_t inner, index_t W, bool fast_index) {
     const index_t pairs = (H + 1) / 2;
     const index_t n_packs = planes * pairs * row / N;
+    if (n_packs == 0) return;
+    const pack_splitter split(row, N, pairs, inner, fast_index);
     const T zero = from_acc<T>(0);
     for (index_t v = global_thread_id(); v < n_packs; v += grid_stride()) {
-        const index_t e = v * N;
-        const index_t pair_row = e / row;  // plane * pairs + q
-        const index_t l = e - pair_row * row;
-        const index_t plane = pair_row / pairs;
-        const index_t q = pair_row - plane * pairs;
+        const pack_position at_v = split(v, N);
+        const index_t l = at_v.l, plane = at_v.plane, q = at_v.r;
         const index_t top = (plane * H + 2 * q) * row + l;
         const bool has_bottom = 2 * q + 1 < H;
         pack<T, N> g_top, g_bottom;
@@ -149,7 +185,7 @@ __device__ __forceinline__ void pool2x1_backward(
             const pack<T, N> g = load<N>(grad_out + o);
             if (with_indices) {
                 const pack<index_t, N> at = load<N>(indices + o);
-                columns col(l, inner);
+                columns col(at_v.w, at_v.rest, inner);
                 for (int k = 0; k < N; ++k) {
                     const index_t top_at = 2 * q * W + col.w;
                     g_top.v[k] = at.v[k] == top_at ? g.v[k] : zero;
@@ -207,16 +243,16 @@ template <typename T>
 __global__ void maxpool2x1_fwd(const T* __restrict__ in, T* __restrict__ out,
                                index_t* __restrict__ indices, int with_indices,
                                index_t planes, index_t H, index_t OH, index_t row,
-                               index_t inner, index_t W) {
+                               index_t inner, index_t W, int fast_index) {
     constexpr int wide = 16 / sizeof(T);
     if (row % wide == 0 && cupyconv::pool::aligned16(in) &&
             cupyconv::pool::aligned16(out) &&
             (!with_indices || cupyconv::pool::aligned16(indices))) {
         cupyconv::pool::pool2x1_forward<wide>(in, out, indices, with_indices != 0,
-                                              planes, H, OH, row, inner, W);
+                                              planes, H, OH, row, inner, W, fast_index != 0);
     } else {
         cupyconv::pool::pool2x1_forward<1>(in, out, indices, with_indices != 0,
-                                           planes, H, OH, row, inner, W);
+                                           planes, H, OH, row, inner, W, fast_index != 0);
     }
 }
 
@@ -228,17 +264,20 @@ template <typename T>
 __global__ void maxpool2x1_bwd(const T* __restrict__ grad_out, const T* __restrict__ in,
                                const index_t* __restrict__ indices, int with_indices,
                                T* __restrict__ grad_in, index_t planes, index_t H,
-                               index_t OH, index_t row, index_t inner, index_t W) {
+                               index_t OH, index_t row, index_t inner, index_t W,
+                               int fast_index) {
     constexpr int wide = 16 / sizeof(T);
     if (row % wide == 0 && cupyconv::pool::aligned16(grad_out) &&
             cupyconv::pool::aligned16(grad_in) &&
             (with_indices ? cupyconv::pool::aligned16(indices)
                           : cupyconv::pool::aligned16(in))) {
         cupyconv::pool::pool2x1_backward<wide>(grad_out, in, indices, with_indices != 0,
-                                               grad_in, planes, H, OH, row, inner, W);
+                                               grad_in, planes, H, OH, row, inner, W,
+                                               fast_index != 0);
     } else {
         cupyconv::pool::pool2x1_backward<1>(grad_out, in, indices, with_indices != 0,
-                                            grad_in, planes, H, OH, row, inner, W);
+                                            grad_in, planes, H, OH, row, inner, W,
+                                            fast_index != 0);
     }
 }
 

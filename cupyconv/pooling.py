@@ -383,26 +383,41 @@ def _backward(grad_out, indices, pool):
 # its threads.  NumPy's ufuncs run several times slower on rows spaced apart
 # (they copy them through small buffers) than on contiguous arrays, so each
 # block first copies the rows it compares into contiguous buffers (copies
-# take no such detour), and every ufunc runs on contiguous operands.
+# take no such detour), and every ufunc runs on contiguous operands.  The
+# detour is NumPy's choice while its ufunc buffer (numpy.setbufsize, 8192
+# elements) is longer than a row: with the buffer at most a row long, ufuncs
+# on long rows spaced apart run in place, faster than copying the rows
+# first, which the backward uses to skip its copies (see _backward_2x1).
 
 #: Bytes of input per block of the 2x1 path.
 _BLOCK_BYTES = 1 << 21
 
+#: Rows of at least this many bytes have the 2x1 backward run its ufuncs on
+#: them in place; on shorter ones the ufuncs' cost per row outweighs the
+#: copies saved.
+_IN_PLACE_ROW_BYTES = 1024
 
-def _blocks(pool, itemsize):
+#: Bytes of input per block, at most, of the 2x1 backward in place: its four
+#: passes gain less from blocks that stay in cache than they lose to the GIL
+#: hand-offs of more blocks.
+_IN_PLACE_BLOCK_BYTES = 1 << 22
+
+
+def _blocks(pool, itemsize, block_bytes=None):
     """(plane slice, window-row slice) blocks covering the 2x1 windows, each
-    about ``_BLOCK_BYTES`` of input: whole planes when they are smaller, else
-    runs of windows of one plane."""
+    about ``block_bytes`` (default ``_BLOCK_BYTES``) of input: whole planes
+    when they are smaller, else runs of windows of one plane."""
+    block_bytes = block_bytes or _BLOCK_BYTES
     planes, row, _ = pool.rows()
     pairs = pool.h // 2
     if pairs == 0:
         return []
     pair_bytes = max(1, 2 * row * itemsize)
-    if pairs * pair_bytes <= _BLOCK_BYTES:
-        step = _BLOCK_BYTES // (pairs * pair_bytes)
+    if pairs * pair_bytes <= block_bytes:
+        step = block_bytes // (pairs * pair_bytes)
         return [(slice(p, p + step), slice(0, pairs))
                 for p in range(0, planes, step)]
-    run = max(1, _BLOCK_BYTES // pair_bytes)
+    run = max(1, block_bytes // pair_bytes)
     return [(slice(p, p + 1), slice(k, min(k + run, pairs)))
             for p in range(planes) for k in range(0, pairs, run)]
 
@@ -496,15 +511,43 @@ def _forward_2x1(x, pool, want_indices):
     return out, indices
 
 
+def _in_place_block_bytes(pool, itemsize):
+    """Block size of the 2x1 backward in place: the fewest blocks of at most
+    ``_IN_PLACE_BLOCK_BYTES`` that give each thread an even share, and no
+    smaller than ``_BLOCK_BYTES`` (small inputs stay on fewer threads)."""
+    share = -(-math.prod(pool.in_shape) * itemsize // _parallel.CPUS)
+    per_thread = max(1, -(-share // _IN_PLACE_BLOCK_BYTES))
+    return max(_BLOCK_BYTES, -(-share // per_thread))
+
+
+def _picks_of_windows(windows, picks):
+    """Which row of each 2x1 window of ``windows`` (a float block, (planes,
+    pairs, 2, row)) is its pick, as bool in ``picks`` (the same shape): the
+    bottom where it is greater or NaN, else the top, so exactly one of each
+    pair.  Only a NaN in a bottom row changes what the comparison says; the
+    screen for one reads the whole block, in memory order, which also brings
+    it into cache for the comparison (faster than screening the bottom rows
+    alone)."""
+    top, bottom = windows[:, :, 0], windows[:, :, 1]
+    has_nan = numpy.isnan(numpy.max(windows))
+    numpy.greater(bottom, top, out=picks[:, :, 1])
+    if has_nan:
+        picks[:, :, 1] |= numpy.isnan(bottom)
+    numpy.logical_not(picks[:, :, 1], out=picks[:, :, 0])
+
+
 def _backward_2x1(grad_out, x, indices, pool):
     """2x1: each window's gradient goes to the row it picked, found by
     comparing the two rows again or by reading ``indices``; the other row
     gets +0.  Each row's share is the gradient times a 0/1 mask of the
-    picks, on the bits (exact, unlike floats: inf * 0 is NaN), computed in
-    contiguous buffers and then copied to the row (copies of rows spaced
-    apart run at memory speed, ufuncs on them do not).  Recomputed picks
-    send each window to one row, so the top row's share is the rest of the
-    gradient; indices may pick neither row, so they get a mask each."""
+    picks, on the bits (exact, unlike floats: inf * 0 is NaN).  Long rows
+    are written in place with NumPy's buffer cut to a row (see the note
+    above _BLOCK_BYTES): a 0/1 mask of both rows of every window, then one
+    multiply by the gradient broadcast over the pair.  Short rows are
+    computed in contiguous buffers and then copied to the rows; there
+    recomputed picks send each window to one row, so the top row's share is
+    the rest of the gradient, and indices (which may pick neither row) get a
+    mask each."""
     planes, row, _ = pool.rows()
     pairs = pool.h // 2
     bits = numpy.dtype(f"u{grad_out.dtype.itemsize}")
@@ -517,8 +560,25 @@ def _backward_2x1(grad_out, x, indices, pool):
         picks = numpy.ascontiguousarray(indices).reshape(planes, pool.oh, row)
         top_at = _pair_positions(pool, pairs)
         bottom_at = top_at + pool.w
+    # A multiple of 16 elements, as NumPy requires.
+    row_buffer = min(numpy.getbufsize(), max(16, row // 16 * 16))
 
-    def block(plane, pair, buffers):
+    def in_place(plane, pair, buffers):
+        out = windows_out[plane, pair]  # contiguous: whole planes or rows of one
+        hit = buffers.get("hit", out.shape, bool)
+        saved = numpy.setbufsize(row_buffer)  # this thread's; put back below
+        try:
+            if indices is None:
+                _picks_of_windows(windows[plane, pair], hit)
+            else:
+                numpy.equal(picks[plane, pair], top_at[pair], out=hit[:, :, 0])
+                numpy.equal(picks[plane, pair], bottom_at[pair], out=hit[:, :, 1])
+            # Both rows of every window in one pass, the gradient broadcast.
+            numpy.multiply(grads[plane, pair, None].view(bits), hit, out=out)
+        finally:
+            numpy.setbufsize(saved)
+
+    def through_buffers(plane, pair, buffers):
         g = grads[plane, pair].view(bits)
         to_top = buffers.get("to_top", g.shape, bits)
         to_bottom = buffers.get("to_bottom", g.shape, bits)
@@ -536,7 +596,12 @@ def _backward_2x1(grad_out, x, indices, pool):
         numpy.copyto(windows_out[plane, pair, 0], to_top)
         numpy.copyto(windows_out[plane, pair, 1], to_bottom)
 
-    _in_blocks(block, _blocks(pool, grad_out.dtype.itemsize))
+    itemsize = grad_out.dtype.itemsize
+    if row * itemsize >= _IN_PLACE_ROW_BYTES:
+        blocks = _blocks(pool, itemsize, _in_place_block_bytes(pool, itemsize))
+        _in_blocks(in_place, blocks)
+    else:
+        _in_blocks(through_buffers, _blocks(pool, itemsize))
     if pool.oh > pairs:  # with ceil_mode an odd last row is its own window
         last_picked = True if indices is None else (
             picks[:, pairs] == _pair_positions(pool, 1)[0] + (pool.h - 1) * pool.w)
@@ -581,7 +646,8 @@ def _forward_kernels(x, pool, want_indices):
             planes, row, inner = pool.rows()
             kernel(_pack_grid(pool, out.size, x.dtype.itemsize), (_THREADS,),
                    (x, out, indices, flag)
-                   + _int64s(planes, pool.h, pool.oh, row, inner, pool.w))
+                   + _int64s(planes, pool.h, pool.oh, row, inner, pool.w)
+                   + (_kernels.fast_index(out.size),))
         else:
             kernel = _kernels.get_function("maxpool", f"maxpool_fwd<{type_name}>")
             kernel(_kernels.grid_for(out.size, _THREADS), (_THREADS,),
@@ -608,7 +674,8 @@ def _backward_kernels(grad_out, x, indices, pool):
         kernel = _kernels.get_function("maxpool", f"maxpool2x1_bwd<{type_name}>")
         kernel(_pack_grid(pool, count, grad_out.dtype.itemsize), (_THREADS,),
                (grad_out, values, picks, numpy.int32(with_indices), grad_in)
-               + _int64s(planes, pool.h, pool.oh, row, inner, pool.w))
+               + _int64s(planes, pool.h, pool.oh, row, inner, pool.w)
+               + (_kernels.fast_index(count),))
         return grad_in
     if indices is None:
         indices = _forward_kernels(x, pool, True)[1]

@@ -186,17 +186,24 @@ def test_gradient_dtypes(config, dtype):
         np.testing.assert_array_equal(grad, reference_grad(x, grad_out, at))
 
 
+@pytest.mark.parametrize("in_place_row_bytes", [None, 0])
 @pytest.mark.parametrize("block_bytes", [48, 480, 1500])
-def test_2x1_in_blocks(monkeypatch, block_bytes):
+def test_2x1_in_blocks(monkeypatch, block_bytes, in_place_row_bytes):
     """The 2x1 path split into blocks (runs of row pairs of one image, or a
     few whole images) shared among threads gives the same results; at 480
     bytes NHWC runs of 3 pairs leave a last run of 1 (of 4), which with
-    ceil_mode must not take in the odd last row."""
+    ceil_mode must not take in the odd last row.  The backward runs on these
+    short rows both through buffers and in place (threshold 0; NCHW rows
+    shorter than NumPy's smallest buffer)."""
     monkeypatch.setattr(pooling, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(pooling, "_IN_PLACE_BLOCK_BYTES", block_bytes)
+    if in_place_row_bytes is not None:
+        monkeypatch.setattr(pooling, "_IN_PLACE_ROW_BYTES", in_place_row_bytes)
     rng = np.random.default_rng(block_bytes)
     x = make_input(rng, (5, 4, 9, 5), np.float32, "nan")
     pool = pooling._normalize(to_layout(x, "NHWC"), (2, 1), None, 0, 1, False, "NHWC")
     assert len(pooling._blocks(pool, 4)) > 2
+    assert len(pooling._blocks(pool, 4, pooling._in_place_block_bytes(pool, 4))) > 2
     for ceil_mode in (False, True):
         config = ((2, 1), None, 0, 1, ceil_mode, None)
         want, want_at = reference_pool(x, *config[:5])
@@ -209,6 +216,44 @@ def test_2x1_in_blocks(monkeypatch, block_bytes):
             for indices in (None, at):
                 np.testing.assert_array_equal(
                     pool_grad(grad_out, x, layout, config, indices), want_grad)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("layout, shape", [("NHWC", (2, 128, 5, 4)),
+                                           ("NCHW", (1, 3, 5, 512))])
+def test_2x1_backward_in_place_rows(monkeypatch, layout, shape, dtype):
+    """Rows long enough (as the seed model's 15x64 NHWC ones) for the 2x1
+    backward to write them in place: ties, NaNs, odd H with and without
+    ceil_mode, one block or runs of one window row, picks recomputed or
+    given (some outside their window).  Each window's gradient (NaN, inf,
+    -0.0 included) lands bit for bit on its pick, everything else is +0."""
+    shape_in = to_layout(np.empty(shape), layout).shape
+    pool = pooling._normalize(np.empty(shape_in), (2, 1), None, 0, 1, False, layout)
+    itemsize = np.dtype(dtype).itemsize
+    assert pool.rows()[1] * itemsize >= pooling._IN_PLACE_ROW_BYTES
+    rng = np.random.default_rng(list(shape) + [itemsize])
+    x = make_input(rng, shape, dtype, "nan")
+    n, c, h, w = shape
+    for ceil_mode, block_bytes in itertools.product(
+            (False, True), (None, 3 * pool.rows()[1] * itemsize)):
+        if block_bytes:  # runs of one window row
+            monkeypatch.setattr(pooling, "_BLOCK_BYTES", block_bytes)
+            monkeypatch.setattr(pooling, "_IN_PLACE_BLOCK_BYTES", block_bytes)
+        config = ((2, 1), None, 0, 1, ceil_mode, None)
+        _, at = reference_pool(x, *config[:5])
+        grad_out = rng.standard_normal(at.shape).astype(dtype)
+        grad_out.flat[rng.choice(grad_out.size, 12, replace=False)] = (
+            [np.nan, np.inf, -np.inf, -0.0] * 3)
+        # Every other window's index moved to the next column: outside it.
+        bogus = at.copy()
+        bogus[..., ::2, 0] += 1
+        for indices in (None, at, bogus):
+            kept = (at if indices is None else indices) == at
+            want = np.zeros((n, c, h * w), dtype)
+            want[(*np.nonzero(kept)[:2], at[kept])] = grad_out[kept]
+            grad = pool_grad(grad_out, x, layout, config, indices)
+            bits = np.dtype(f"u{itemsize}")
+            np.testing.assert_array_equal(grad.view(bits), want.reshape(shape).view(bits))
 
 
 def test_ties_pick_the_first_and_nans_the_last():
@@ -493,6 +538,21 @@ def test_2x1_kernels_fall_back_on_misaligned_buffers(cpu_kernels):
     want, got = _backward_both(x, "NHWC", window,
                                lambda a: shifted if a.shape == x.shape else a)
     np.testing.assert_array_equal(got[0], want)
+
+
+@pytest.mark.parametrize("case", ["2x1 packs", "2x1 elements"])
+def test_2x1_kernels_64_bit_index_path(cpu_kernels, monkeypatch, case):
+    """Arrays of 2**31 elements and more split positions with 64-bit
+    divisions; shown here on small inputs by lowering the threshold."""
+    monkeypatch.setattr(_kernels, "FAST_INDEX_LIMIT", 0)
+    layout, shape, window = KERNEL_CASES[case]
+    x = _kernel_input(np.float32, shape)
+    want, got = _forward_both(x, layout, window, np.asarray)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    want, got = _backward_both(x, layout, window, np.asarray)
+    for g in got:
+        np.testing.assert_array_equal(g, want)
 
 
 # ---- GPU ---------------------------------------------------------------------------
