@@ -204,9 +204,10 @@ def kernel_operand(a, contiguous=False):
 FAST_INDEX_LIMIT = 2**31
 
 
-def fast_index(*sizes):
-    """The kernels' ``fast_index`` flag: every size below FAST_INDEX_LIMIT."""
-    return numpy.int32(max(sizes) < FAST_INDEX_LIMIT)
+def fast_index(*sizes, limit=None):
+    """The kernels' ``fast_index`` flag: every size below ``limit`` (by
+    default FAST_INDEX_LIMIT)."""
+    return numpy.int32(max(sizes) < (FAST_INDEX_LIMIT if limit is None else limit))
 
 
 def divisor32(d):

@@ -239,11 +239,12 @@ def _gather_plan(out_shape, in_shape, step, in_strides, itemsize, alignment, lim
     output's length in words, the kernel's flag, and its table of axes (see
     cuda/dilate.cu) as nested tuples.  ``alignment`` is the input's address
     modulo 16 and ``limit`` the FAST_INDEX_LIMIT in force (both decide the
-    plan, so both are part of the cache key)."""
+    plan, so both are in the cache's key)."""
     axes = _merged_axes(out_shape, in_shape, step, in_strides)
     unit, axes = _in_units(axes, itemsize, alignment)
     words = math.prod(out_shape) * itemsize // unit
-    fast_index = _kernels.fast_index(words, *(max(o, n, s) for o, n, s, _ in axes))
+    fast_index = _kernels.fast_index(words, *(max(o, n, s) for o, n, s, _ in axes),
+                                     limit=limit)
     rows = [list(row) for row in zip(*axes)]
     for size_row in (rows[0], rows[2]):  # divisor32 of out_shape, then of step
         magics = [_kernels.divisor32(v) if fast_index else (0, 0) for v in size_row]

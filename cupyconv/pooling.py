@@ -294,12 +294,15 @@ def _kept(a, keep):
     return numpy.multiply(_bits(a), keep).view(a.dtype)
 
 
-def _beats(new, best, out=None):
+def _beats(new, best, out=None, nan_possible=None):
     """Where ``new``, a later tap, replaces ``best`` as a window's pick:
-    strictly greater, or a NaN."""
+    strictly greater, or a NaN.  ``nan_possible=False`` from a caller that
+    screened ``new`` already skips the screen here."""
     wins = numpy.greater(new, best, out=out)
-    # numpy.max is NaN if any element is: a cheap screen before the search.
-    if new.dtype.kind == "f" and new.size and numpy.isnan(numpy.max(new)):
+    if nan_possible is None:
+        # numpy.max is NaN if any element is: a cheap screen before the search.
+        nan_possible = new.dtype.kind == "f" and new.size and numpy.isnan(numpy.max(new))
+    if nan_possible:
         wins |= numpy.isnan(new)
     return wins
 
@@ -524,15 +527,11 @@ def _picks_of_windows(windows, picks):
     """Which row of each 2x1 window of ``windows`` (a float block, (planes,
     pairs, 2, row)) is its pick, as bool in ``picks`` (the same shape): the
     bottom where it is greater or NaN, else the top, so exactly one of each
-    pair.  Only a NaN in a bottom row changes what the comparison says; the
-    screen for one reads the whole block, in memory order, which also brings
-    it into cache for the comparison (faster than screening the bottom rows
-    alone)."""
-    top, bottom = windows[:, :, 0], windows[:, :, 1]
-    has_nan = numpy.isnan(numpy.max(windows))
-    numpy.greater(bottom, top, out=picks[:, :, 1])
-    if has_nan:
-        picks[:, :, 1] |= numpy.isnan(bottom)
+    pair.  The screen for NaNs reads the whole block, in memory order, which
+    also brings it into cache for the comparison (faster than the screen of
+    the bottom rows alone that _beats would make)."""
+    nan_possible = numpy.isnan(numpy.max(windows))
+    _beats(windows[:, :, 1], windows[:, :, 0], out=picks[:, :, 1], nan_possible=nan_possible)
     numpy.logical_not(picks[:, :, 1], out=picks[:, :, 0])
 
 
