@@ -16,6 +16,7 @@ and goes to ``xp.matmul`` (cuBLAS on the GPU; it accumulates float16 in
 float32, as NumPy does).
 """
 
+import functools
 import math
 
 import numpy
@@ -223,9 +224,18 @@ def _type_name(dtype):
     return _kernels.FLOAT_TYPES[numpy.dtype(dtype).name]
 
 
+# Kernel arguments per geometry and per strides are cached: converting a few
+# dozen Python ints to NumPy scalars at every call is a fair share of a small
+# call's time.
+
 def _strides(a, axes):
     """Element strides of ``a`` along ``axes``, as kernel arguments."""
-    return tuple(numpy.int64(a.strides[axis] // a.itemsize) for axis in axes)
+    return _element_strides(a.strides, a.itemsize, axes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _element_strides(strides, itemsize, axes):
+    return tuple(numpy.int64(strides[axis] // itemsize) for axis in axes)
 
 
 def _rows_fastest(row_step, k_step):
@@ -239,6 +249,7 @@ def _per_group(channels, geom):
     return channels // geom.groups
 
 
+@functools.lru_cache(maxsize=256)
 def _geometry(geom):
     """The 16 leading kernel arguments (CONV2D_GEOMETRY_PARAMS in conv2d.cu)."""
     (top, _), (left, _) = geom.padding

@@ -15,6 +15,7 @@ CNNs this package serves -- has its own path on both devices; on the CPU it
 runs in cache-sized blocks spread over the cores' threads.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -625,6 +626,17 @@ def _pack_grid(pool, count, itemsize):
     return _kernels.grid_for(count // wide if row % wide == 0 else count)
 
 
+# Kernel arguments per geometry are cached: converting a dozen Python ints
+# to NumPy scalars at every call is a fair share of a small call's time.
+
+@functools.lru_cache(maxsize=256)
+def _rows_args(pool):
+    """The 2x1 kernels' trailing geometry arguments."""
+    planes, row, inner = pool.rows()
+    return _int64s(planes, pool.h, pool.oh, row, inner, pool.w)
+
+
+@functools.lru_cache(maxsize=256)
 def _window_args(pool):
     return (numpy.int32(pool.layout == "NHWC"),) + _int64s(
         pool.c, pool.h, pool.w, pool.oh, pool.ow, *pool.kernel, *pool.stride,
@@ -642,10 +654,9 @@ def _forward_kernels(x, pool, want_indices):
         flag = numpy.int32(want_indices)
         if pool.is_2x1:
             kernel = _kernels.get_function("maxpool", f"maxpool2x1_fwd<{type_name}>")
-            planes, row, inner = pool.rows()
             kernel(_pack_grid(pool, out.size, x.dtype.itemsize), (_THREADS,),
                    (x, out, indices, flag)
-                   + _int64s(planes, pool.h, pool.oh, row, inner, pool.w)
+                   + _rows_args(pool)
                    + (_kernels.fast_index(out.size),))
         else:
             kernel = _kernels.get_function("maxpool", f"maxpool_fwd<{type_name}>")
@@ -668,12 +679,12 @@ def _backward_kernels(grad_out, x, indices, pool):
         values = grad_out if with_indices else _kernels.kernel_operand(x, contiguous=True)
         picks = (_kernels.kernel_operand(indices, contiguous=True) if with_indices
                  else xp.empty((1,), numpy.int64))
-        planes, row, inner = pool.rows()
+        planes, row, _ = pool.rows()
         count = planes * -(-pool.h // 2) * row
         kernel = _kernels.get_function("maxpool", f"maxpool2x1_bwd<{type_name}>")
         kernel(_pack_grid(pool, count, grad_out.dtype.itemsize), (_THREADS,),
                (grad_out, values, picks, numpy.int32(with_indices), grad_in)
-               + _int64s(planes, pool.h, pool.oh, row, inner, pool.w)
+               + _rows_args(pool)
                + (_kernels.fast_index(count),))
         return grad_in
     if indices is None:
