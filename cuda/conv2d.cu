@@ -142,6 +142,16 @@ struct PixelWalk {
     }
 };
 
+// The output position o that tap offset `shift` puts on padded input
+// position y (o * stride + shift == y), and whether there is one in
+// [0, size): y may lie between strides or past the last window.
+__device__ __forceinline__ bool output_reaching(index_t y, index_t shift, index_t stride,
+                                                index_t size, index_t& o) {
+    const index_t n = y - shift;
+    o = n / stride;
+    return n >= 0 && o * stride == n && o < size;
+}
+
 // Whether 0 <= v < size, in one unsigned comparison.
 __device__ __forceinline__ bool below(index_t v, index_t size) {
     return (unsigned long long)v < (unsigned long long)size;
@@ -237,19 +247,13 @@ struct InputGradOutput {
         return Step{dy, dx, t.c, t.c * s.c - dy * s.h - dx * s.w};
     }
     __device__ Acc<T> at(const Row& r, const Step& t) const {
-        // Output row oy reaches padded row y through tap i iff
-        // oy * stride_h + i * dilation_h == y.
-        const index_t ny = r.y - t.dy;
-        const index_t nx = r.x - t.dx;
         if (g.stride_h == 1 && g.stride_w == 1) {  // the same for every thread
-            const bool hit = below(ny, g.out_height) && below(nx, g.out_width);
+            const bool hit = below(r.y - t.dy, g.out_height) && below(r.x - t.dx, g.out_width);
             return hit ? cupyconv::to_acc(grad_out[r.offset + t.offset]) : Acc<T>(0);
         }
-        const index_t oy = ny / g.stride_h;
-        const index_t ox = nx / g.stride_w;
-        const bool hit = ny >= 0 && nx >= 0 && oy * g.stride_h == ny &&
-                         ox * g.stride_w == nx && oy < g.out_height &&
-                         ox < g.out_width;
+        index_t oy, ox;
+        const bool hit = output_reaching(r.y, t.dy, g.stride_h, g.out_height, oy) &&
+                         output_reaching(r.x, t.dx, g.stride_w, g.out_width, ox);
         return hit ? cupyconv::to_acc(
                          grad_out[r.n * s.n + oy * s.h + ox * s.w + t.c * s.c])
                    : Acc<T>(0);
@@ -565,15 +569,12 @@ __global__ void conv2d_input_grad_direct(
         const T* wc = w + (c - group * g.cin_g) * w_scin + group * g.cout_g * w_scout;
         Acc<T> sum = 0;
         for (index_t i = 0; i < g.kernel_h; ++i) {
-            // Output row oy reaches row y through tap i iff
-            // oy * stride_h + i * dilation_h == y + pad_top.
-            const index_t ny = px.y + g.pad_top - i * g.dilation_h;
-            const index_t oy = ny / g.stride_h;
-            if (ny < 0 || oy * g.stride_h != ny || oy >= g.out_height) continue;
+            index_t oy, ox;
+            if (!output_reaching(px.y + g.pad_top, i * g.dilation_h, g.stride_h,
+                                 g.out_height, oy)) continue;
             for (index_t j = 0; j < g.kernel_w; ++j) {
-                const index_t nx = px.x + g.pad_left - j * g.dilation_w;
-                const index_t ox = nx / g.stride_w;
-                if (nx < 0 || ox * g.stride_w != nx || ox >= g.out_width) continue;
+                if (!output_reaching(px.x + g.pad_left, j * g.dilation_w, g.stride_w,
+                                     g.out_width, ox)) continue;
                 const T* go_tap = go + oy * go_sh + ox * go_sw;
                 const T* w_tap = wc + i * w_si + j * w_sj;
                 for (index_t co = 0; co < g.cout_g; ++co) {

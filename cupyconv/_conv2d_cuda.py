@@ -162,7 +162,7 @@ def conv2d_weight_grad(x, grad_out, geom):
     reduce(
         _kernels.grid_for(grad_w.size), (_THREADS,),
         (partial, grad_w)
-        + tuple(numpy.int64(v) for v in (splits, groups, kw, taps, cin_g, cout_g))
+        + _kernels.int64s(splits, groups, kw, taps, cin_g, cout_g)
         + ws,
     )
     return grad_w
@@ -224,10 +224,6 @@ def _type_name(dtype):
     return _kernels.FLOAT_TYPES[numpy.dtype(dtype).name]
 
 
-# Kernel arguments per geometry and per strides are cached: converting a few
-# dozen Python ints to NumPy scalars at every call is a fair share of a small
-# call's time.
-
 def _strides(a, axes):
     """Element strides of ``a`` along ``axes``, as kernel arguments."""
     return _element_strides(a.strides, a.itemsize, axes)
@@ -235,7 +231,7 @@ def _strides(a, axes):
 
 @functools.lru_cache(maxsize=1024)
 def _element_strides(strides, itemsize, axes):
-    return tuple(numpy.int64(strides[axis] // itemsize) for axis in axes)
+    return _kernels.int64s(*(strides[axis] // itemsize for axis in axes))
 
 
 def _rows_fastest(row_step, k_step):
@@ -253,10 +249,10 @@ def _per_group(channels, geom):
 def _geometry(geom):
     """The 16 leading kernel arguments (CONV2D_GEOMETRY_PARAMS in conv2d.cu)."""
     (top, _), (left, _) = geom.padding
-    return tuple(numpy.int64(v) for v in (
+    return _kernels.int64s(
         geom.batch, *geom.in_hw, *geom.out_hw, *geom.kernel,
         _per_group(geom.in_channels, geom), _per_group(geom.out_channels, geom),
-        geom.groups, *geom.stride, top, left, *geom.dilation))
+        geom.groups, *geom.stride, top, left, *geom.dilation)
 
 
 def _cdiv(a, b):

@@ -204,6 +204,13 @@ def kernel_operand(a, contiguous=False):
 FAST_INDEX_LIMIT = 2**31
 
 
+def int64s(*values):
+    """``values`` as ``numpy.int64`` kernel arguments (``index_t``).  Launch
+    code caches these per geometry: converting a dozen Python ints at every
+    call is a fair share of a small call's time."""
+    return tuple(numpy.int64(v) for v in values)
+
+
 def fast_index(*sizes, limit=None):
     """The kernels' ``fast_index`` flag: every size below ``limit`` (by
     default FAST_INDEX_LIMIT)."""

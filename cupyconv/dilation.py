@@ -292,7 +292,7 @@ def _in_units(axes, itemsize, address):
     run_bytes = o * itemsize if run else itemsize
     outer = axes[:-1] if run else axes
     unit = 16
-    while any(v % unit for v in (run_bytes, address, *(t for *_, t in outer))):
+    while any(v % unit for v in (run_bytes, address, *(stride for *_, stride in outer))):
         unit //= 2
     words = run_bytes // unit
     if run:

@@ -613,10 +613,6 @@ def _backward_2x1(grad_out, x, indices, pool):
 
 # --- CUDA kernels (CuPy, or NumPy under the test suite's CPU executor) -------
 
-def _int64s(*values):
-    return tuple(numpy.int64(v) for v in values)
-
-
 def _pack_grid(pool, count, itemsize):
     """Grid of the 2x1 kernels: one thread per 16-byte pack of a row when the
     row length allows it (the kernel falls back to single elements if a
@@ -626,19 +622,16 @@ def _pack_grid(pool, count, itemsize):
     return _kernels.grid_for(count // wide if row % wide == 0 else count)
 
 
-# Kernel arguments per geometry are cached: converting a dozen Python ints
-# to NumPy scalars at every call is a fair share of a small call's time.
-
 @functools.lru_cache(maxsize=256)
 def _rows_args(pool):
     """The 2x1 kernels' trailing geometry arguments."""
     planes, row, inner = pool.rows()
-    return _int64s(planes, pool.h, pool.oh, row, inner, pool.w)
+    return _kernels.int64s(planes, pool.h, pool.oh, row, inner, pool.w)
 
 
 @functools.lru_cache(maxsize=256)
 def _window_args(pool):
-    return (numpy.int32(pool.layout == "NHWC"),) + _int64s(
+    return (numpy.int32(pool.layout == "NHWC"),) + _kernels.int64s(
         pool.c, pool.h, pool.w, pool.oh, pool.ow, *pool.kernel, *pool.stride,
         *pool.padding, *pool.dilation)
 

@@ -285,7 +285,7 @@ def markdown(result, plot_path=None, plot_note=None, report_path=None):
         *_references_section(result),
         "",
     ]
-    cpu_ran = "cpu" in result["settings"]["devices"]
+    cpu_ran = "cpu" in devices
     for warning in (_busy_warning(result), _uneven_cores_warning(result)):
         if warning and cpu_ran:  # host contention barely moves GPU times
             out += [warning, ""]
