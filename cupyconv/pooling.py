@@ -15,6 +15,7 @@ CNNs this package serves -- has its own path on both devices; on the CPU it
 runs in cache-sized blocks spread over the cores' threads.
 """
 
+import contextlib
 import functools
 import math
 from typing import NamedTuple
@@ -391,14 +392,15 @@ def _backward(grad_out, indices, pool):
 # detour is NumPy's choice while its ufunc buffer (numpy.setbufsize, 8192
 # elements) is longer than a row: with the buffer at most a row long, ufuncs
 # on long rows spaced apart run in place, faster than copying the rows
-# first, which the backward uses to skip its copies (see _backward_2x1).
+# first, which the forward without indices and the backward use to skip
+# their copies (see _row_sized_buffer).
 
 #: Bytes of input per block of the 2x1 path.
 _BLOCK_BYTES = 1 << 21
 
-#: Rows of at least this many bytes have the 2x1 backward run its ufuncs on
-#: them in place; on shorter ones the ufuncs' cost per row outweighs the
-#: copies saved.
+#: Rows of at least this many bytes have the 2x1 path run its ufuncs on them
+#: in place; on shorter ones the ufuncs' cost per row outweighs the copies
+#: saved.
 _IN_PLACE_ROW_BYTES = 1024
 
 #: Bytes of input per block, at most, of the 2x1 backward in place: its four
@@ -469,13 +471,32 @@ def _windows(a, pool):
     return rows, rows[:, :2 * pairs].reshape(planes, pairs, 2, row)
 
 
-def _bottom_wins(windows, top, buffers):
-    """Where the bottom rows of ``windows`` (a block) are the picks, as bool;
-    the top rows are copied to ``top`` on the way."""
+def _contiguous_rows(windows, top, buffers):
+    """The top and bottom rows of ``windows`` (a block) copied to ``top`` and
+    to a buffer, contiguous; returns both."""
     bottom = buffers.get("bottom", top.shape, top.dtype)
     numpy.copyto(top, windows[:, :, 0])
     numpy.copyto(bottom, windows[:, :, 1])
-    return _beats(bottom, top, out=buffers.get("wins", top.shape, bool)), bottom
+    return top, bottom
+
+
+def _in_place(pool, itemsize):
+    """Whether the 2x1 path runs its ufuncs on the rows in place (long
+    rows, see the note above ``_BLOCK_BYTES``)."""
+    return pool.rows()[1] * itemsize >= _IN_PLACE_ROW_BYTES
+
+
+@contextlib.contextmanager
+def _row_sized_buffer(pool):
+    """NumPy's ufunc buffer cut to one row (a multiple of 16 elements, as
+    NumPy requires) in this thread, so that ufuncs on rows spaced apart run
+    on them in place; put back on exit."""
+    row = pool.rows()[1]
+    saved = numpy.setbufsize(min(numpy.getbufsize(), max(16, row // 16 * 16)))
+    try:
+        yield
+    finally:
+        numpy.setbufsize(saved)
 
 
 def _forward_2x1(x, pool, want_indices):
@@ -489,25 +510,31 @@ def _forward_2x1(x, pool, want_indices):
     indices = numpy.empty(pool.out_shape, numpy.int64) if want_indices else None
     at = indices.reshape(planes, pool.oh, row) if want_indices else None
     top_at = _pair_positions(pool, pairs)
+    # With indices the rows are read twice (comparison and maximum), which
+    # contiguous copies make cheaper; the maximum alone reads them in place.
+    in_place = not want_indices and _in_place(pool, x.dtype.itemsize)
 
     def block(plane, pair, buffers):
         block_best = best[plane, pair]  # contiguous: a whole plane or rows of one
+        if in_place:
+            top, bottom = windows[plane, pair, 0], windows[plane, pair, 1]
+        else:
+            top, bottom = _contiguous_rows(windows[plane, pair], block_best, buffers)
         if want_indices:
-            bottom_wins, bottom = _bottom_wins(
-                windows[plane, pair], block_best, buffers)
             block_at = at[plane, pair]
-            numpy.copyto(block_at, bottom_wins)  # 0 top, 1 bottom
+            numpy.copyto(block_at, _beats(  # 0 top, 1 bottom
+                bottom, top, out=buffers.get("wins", block_best.shape, bool)))
             block_at *= pool.w
             block_at += top_at[pair]
-        else:  # the same copies, without the comparison only indices need
-            bottom = buffers.get("bottom", block_best.shape, block_best.dtype)
-            numpy.copyto(block_best, windows[plane, pair, 0])
-            numpy.copyto(bottom, windows[plane, pair, 1])
         # NaN-propagating, so equal to the pick (a tie of -0.0 and +0.0 may
         # give either zero).
-        numpy.maximum(block_best, bottom, out=block_best)
+        numpy.maximum(top, bottom, out=block_best)
 
-    _in_blocks(block, _blocks(pool, x.dtype.itemsize))
+    def block_in_place(plane, pair, buffers):
+        with _row_sized_buffer(pool):
+            block(plane, pair, buffers)
+
+    _in_blocks(block_in_place if in_place else block, _blocks(pool, x.dtype.itemsize))
     if pool.oh > pairs:
         best[:, pairs] = images[:, pool.h - 1]
         if want_indices:
@@ -524,15 +551,22 @@ def _in_place_block_bytes(pool, itemsize):
     return max(_BLOCK_BYTES, -(-share // per_thread))
 
 
-def _picks_of_windows(windows, picks):
-    """Which row of each 2x1 window of ``windows`` (a float block, (planes,
-    pairs, 2, row)) is its pick, as bool in ``picks`` (the same shape): the
-    bottom where it is greater or NaN, else the top, so exactly one of each
-    pair.  The screen for NaNs reads the whole block, in memory order, which
-    also brings it into cache for the comparison (faster than the screen of
-    the bottom rows alone that _beats would make)."""
-    nan_possible = numpy.isnan(numpy.max(windows))
-    _beats(windows[:, :, 1], windows[:, :, 0], out=picks[:, :, 1], nan_possible=nan_possible)
+def _picks_of_windows(rows, picks):
+    """Which row of each 2x1 window is its pick, as bool in ``picks``
+    (planes, pairs, 2, row): the bottom where it is greater or NaN, else the
+    top, so exactly one of each pair.  ``rows`` (planes, 2 * pairs, row) are
+    the windows' rows, each plane's contiguous.
+
+    Every row is compared with the one above it in a single pass in memory
+    order: twice the comparisons the bottom rows need, but reading the
+    input is what costs, and it streams faster in order than row by row.
+    The comparisons of top rows with the previous window's bottom rows are
+    then overwritten.  The NaN screen follows, on input the comparisons
+    have just read."""
+    flat_picks = picks.reshape(rows.shape)
+    numpy.greater(rows[:, 1:], rows[:, :-1], out=flat_picks[:, 1:])
+    if numpy.isnan(numpy.max(rows)):
+        _beats(rows[:, 1::2], rows[:, ::2], out=picks[:, :, 1], nan_possible=True)
     numpy.logical_not(picks[:, :, 1], out=picks[:, :, 0])
 
 
@@ -555,36 +589,32 @@ def _backward_2x1(grad_out, x, indices, pool):
     rows_out, windows_out = _windows(grad_in.view(bits), pool)
     grads = numpy.ascontiguousarray(grad_out).reshape(planes, pool.oh, row)
     if indices is None:
-        windows = _windows(x, pool)[1]
+        images, windows = _windows(x, pool)
     else:
         picks = numpy.ascontiguousarray(indices).reshape(planes, pool.oh, row)
         top_at = _pair_positions(pool, pairs)
         bottom_at = top_at + pool.w
-    # A multiple of 16 elements, as NumPy requires.
-    row_buffer = min(numpy.getbufsize(), max(16, row // 16 * 16))
 
     def in_place(plane, pair, buffers):
         out = windows_out[plane, pair]  # contiguous: whole planes or rows of one
         hit = buffers.get("hit", out.shape, bool)
-        saved = numpy.setbufsize(row_buffer)  # this thread's; put back below
-        try:
+        with _row_sized_buffer(pool):
             if indices is None:
-                _picks_of_windows(windows[plane, pair], hit)
+                _picks_of_windows(images[plane, 2 * pair.start:2 * pair.stop], hit)
             else:
                 numpy.equal(picks[plane, pair], top_at[pair], out=hit[:, :, 0])
                 numpy.equal(picks[plane, pair], bottom_at[pair], out=hit[:, :, 1])
             # Both rows of every window in one pass, the gradient broadcast.
             numpy.multiply(grads[plane, pair, None].view(bits), hit, out=out)
-        finally:
-            numpy.setbufsize(saved)
 
     def through_buffers(plane, pair, buffers):
         g = grads[plane, pair].view(bits)
         to_top = buffers.get("to_top", g.shape, bits)
         to_bottom = buffers.get("to_bottom", g.shape, bits)
         if indices is None:
-            top = buffers.get("top", g.shape, x.dtype)
-            numpy.copyto(to_bottom, _bottom_wins(windows[plane, pair], top, buffers)[0])
+            top, bottom = _contiguous_rows(
+                windows[plane, pair], buffers.get("top", g.shape, x.dtype), buffers)
+            numpy.copyto(to_bottom, _beats(bottom, top, out=buffers.get("wins", g.shape, bool)))
             numpy.multiply(g, to_bottom, out=to_bottom)
             numpy.subtract(g, to_bottom, out=to_top)  # g - g = 0 or g - 0 = g
         else:
@@ -597,7 +627,7 @@ def _backward_2x1(grad_out, x, indices, pool):
         numpy.copyto(windows_out[plane, pair, 1], to_bottom)
 
     itemsize = grad_out.dtype.itemsize
-    if row * itemsize >= _IN_PLACE_ROW_BYTES:
+    if _in_place(pool, itemsize):
         blocks = _blocks(pool, itemsize, _in_place_block_bytes(pool, itemsize))
         _in_blocks(in_place, blocks)
     else:

@@ -213,6 +213,7 @@ def test_2x1_in_blocks(monkeypatch, block_bytes, in_place_row_bytes):
             out, at = pool_fn(x, layout, config, return_indices=True)
             np.testing.assert_array_equal(out, want)
             np.testing.assert_array_equal(at, want_at)
+            np.testing.assert_array_equal(pool_fn(x, layout, config), want)
             for indices in (None, at):
                 np.testing.assert_array_equal(
                     pool_grad(grad_out, x, layout, config, indices), want_grad)
@@ -223,7 +224,8 @@ def test_2x1_in_blocks(monkeypatch, block_bytes, in_place_row_bytes):
                                            ("NCHW", (1, 3, 5, 512))])
 def test_2x1_backward_in_place_rows(monkeypatch, layout, shape, dtype):
     """Rows long enough (as the seed model's 15x64 NHWC ones) for the 2x1
-    backward to write them in place: ties, NaNs, odd H with and without
+    forward to read them and the backward to write them in place (the
+    forward's values checked too): ties, NaNs, odd H with and without
     ceil_mode, one block or runs of one window row, picks recomputed or
     given (some outside their window).  Each window's gradient (NaN, inf,
     -0.0 included) lands bit for bit on its pick, everything else is +0."""
@@ -240,7 +242,8 @@ def test_2x1_backward_in_place_rows(monkeypatch, layout, shape, dtype):
             monkeypatch.setattr(pooling, "_BLOCK_BYTES", block_bytes)
             monkeypatch.setattr(pooling, "_IN_PLACE_BLOCK_BYTES", block_bytes)
         config = ((2, 1), None, 0, 1, ceil_mode, None)
-        _, at = reference_pool(x, *config[:5])
+        want_out, at = reference_pool(x, *config[:5])
+        np.testing.assert_array_equal(pool_fn(x, layout, config), want_out)
         grad_out = rng.standard_normal(at.shape).astype(dtype)
         grad_out.flat[rng.choice(grad_out.size, 12, replace=False)] = (
             [np.nan, np.inf, -np.inf, -0.0] * 3)
