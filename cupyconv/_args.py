@@ -251,7 +251,9 @@ def pool_output_shape(size, kernel, stride, padding, dilation, ceil_mode):
         # (the last window starts before the end, see pool_output_size), so
         # only those starting in the padding, and the last, need a look: is
         # their first tap at or after 0 still in the window and the image?
-        suspects = {*range(min(out, -(-p // s))), out - 1}
+        # Without dilation the window is contiguous and reaches past the
+        # padding (p <= k // 2), so none can miss.
+        suspects = {*range(min(out, -(-p // s))), out - 1} if d > 1 else ()
         if any(_first_tap_misses(i * s - p, n, k, d) for i in suspects):
             raise ValueError(
                 f"dilation {d} along {axis} leaves a window with no input "

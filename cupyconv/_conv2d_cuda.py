@@ -100,7 +100,7 @@ def conv2d_input_grad(w, grad_out, geom):
     gxs = _strides(grad_x, _ACTIVATION_AXES[layout])
     if _per_group(geom.in_channels, geom) <= _DIRECT_INPUT_GRAD_CHANNELS:
         kernel = _kernels.get_function(
-            "conv2d", f"conv2d_input_grad_direct<{_type_name(w.dtype)}>")
+            "conv2d", f"conv2d_input_grad_direct<{_kernels.c_type(w.dtype)}>")
         kernel(_kernels.grid_for(grad_x.size), (_THREADS,),
                (grad_out, w, grad_x) + _geometry(geom) + gos + ws + gxs
                + (numpy.int64(grad_x.size),))
@@ -158,7 +158,7 @@ def conv2d_weight_grad(x, grad_out, geom):
     )
     ws = _strides(grad_w, _WEIGHT_AXES[layout])
     reduce = _kernels.get_function(
-        "conv2d", f"conv2d_weight_grad_reduce<{_type_name(x.dtype)}>")
+        "conv2d", f"conv2d_weight_grad_reduce<{_kernels.c_type(x.dtype)}>")
     reduce(
         _kernels.grid_for(grad_w.size), (_THREADS,),
         (partial, grad_w)
@@ -220,10 +220,6 @@ def _matmul_weight_grad(xp, x, grad_out, geom):
 
 # ---- helpers -----------------------------------------------------------------
 
-def _type_name(dtype):
-    return _kernels.FLOAT_TYPES[numpy.dtype(dtype).name]
-
-
 def _strides(a, axes):
     """Element strides of ``a`` along ``axes``, as kernel arguments."""
     return _element_strides(a.strides, a.itemsize, axes)
@@ -279,5 +275,5 @@ def _launch_gemm(kernel, dtype, rows, cols, groups, splits, args):
             f"conv2d: this problem needs {blocks} thread blocks, more than the "
             f"{_MAX_BLOCKS} one CUDA launch allows; split the batch into parts"
         )
-    function = _kernels.get_function("conv2d", f"{kernel}<{_type_name(dtype)}>")
+    function = _kernels.get_function("conv2d", f"{kernel}<{_kernels.c_type(dtype)}>")
     function((blocks,), (_THREADS,), args)

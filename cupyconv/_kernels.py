@@ -19,7 +19,7 @@ import pathlib
 
 import numpy
 
-__all__ = ["FAMILIES", "KernelCompileError", "cuda_source_dir", "divisor32", "get_function"]
+__all__ = ["FAMILIES", "KernelCompileError", "c_type", "cuda_source_dir", "divisor32", "get_function"]
 
 #: Integer types that move an element of a given byte size.  Kernels that only
 #: copy elements (dilate) are instantiated per size, not per dtype.
@@ -46,6 +46,17 @@ POOL_TYPES = {
     "uint32": "unsigned int",
     "uint64": "unsigned long long",
 }
+
+#: The C++ types above keyed by dtype: ``numpy.dtype.name`` is a property
+#: slow enough to count in a small call's launch.
+_C_TYPES = {numpy.dtype(name): c_type for name, c_type in POOL_TYPES.items()}
+
+
+def c_type(dtype):
+    """The C++ type of ``dtype`` in name expressions, ``None`` if no kernel
+    takes it."""
+    return _C_TYPES.get(dtype)
+
 
 #: family -> every name expression the package may launch from cuda/<family>.cu.
 #: The CPU executor's tests and the nvcc warning check instantiate exactly these.

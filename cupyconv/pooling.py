@@ -165,7 +165,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
     """
     xp = _backend.dispatch(x=x)
     x = _args.native_4d(x, "x", xp)
-    if x.dtype.name not in _kernels.POOL_TYPES:
+    if _kernels.c_type(x.dtype) is None:
         raise TypeError(
             f"x must have a float or integer dtype, got {x.dtype}")
     if not isinstance(return_indices, (bool, numpy.bool_)):
@@ -673,7 +673,7 @@ def _forward_kernels(x, pool, want_indices):
     # Without indices the kernels get a stand-in they never write.
     indices = xp.empty(pool.out_shape if want_indices else (1,), numpy.int64)
     if out.size:
-        type_name = _kernels.POOL_TYPES[x.dtype.name]
+        type_name = _kernels.c_type(x.dtype)
         flag = numpy.int32(want_indices)
         if pool.is_2x1:
             kernel = _kernels.get_function("maxpool", f"maxpool2x1_fwd<{type_name}>")
@@ -695,7 +695,7 @@ def _backward_kernels(grad_out, x, indices, pool):
     grad_in = xp.empty(pool.in_shape, grad_out.dtype)
     if grad_in.size == 0:
         return grad_in
-    type_name = _kernels.FLOAT_TYPES[grad_out.dtype.name]
+    type_name = _kernels.c_type(grad_out.dtype)
     if pool.is_2x1:
         with_indices = indices is not None
         # The kernel reads the picks from one of the two; the other is unread.
