@@ -11,8 +11,9 @@
 //   conv2d_input_grad_igemm input pixels       C_in/g     taps (i, j, c_out)
 //   conv2d_weight_grad_igemm taps (i, j, c_in) C_out/g    output pixels
 //
-// With 4 input channels per group or fewer, conv2d_input_grad_direct
-// computes the input gradient instead, one thread per input element.
+// With 4 input channels per group or fewer, the input gradient is a
+// matrix product per group (outside these kernels) and
+// conv2d_input_grad_gather instead.
 //
 // Tensors are addressed through element strides given in semantic order,
 // (n, h, w, c) for activations and (i, j, c_in, c_out) for weights, so one
@@ -148,7 +149,7 @@ struct PixelWalk {
 __device__ __forceinline__ bool output_reaching(index_t y, index_t shift, index_t stride,
                                                 index_t size, index_t& o) {
     const index_t n = y - shift;
-    o = n / stride;
+    o = stride == 1 ? n : n / stride;  // a 64-bit division is dozens of instructions
     return n >= 0 && o * stride == n && o < size;
 }
 
@@ -546,27 +547,30 @@ __global__ void __launch_bounds__(conv2d::kThreads, 2) conv2d_input_grad_igemm(
 }
 
 // The same gradient for few input channels per group (a first layer's 1
-// or 3), where the implicit GEMM would spend most of its 64-column tiles on
-// channels that do not exist: one thread per input element (n, y, x, c),
-// c fastest, sums over the taps that reach it, then over the group's output
-// channels, in that fixed order.  count = N * H * W * C_in.
+// or 3), second step: z (from a matrix product on the host side) holds each
+// output pixel's contribution to every tap of its window,
+//   z[g, (n, oy, ox), (i, j, c)] = sum over co of
+//       grad_out[n, oy, ox, g*Cog + co] * w[i, j, c, g*Cog + co],
+// contiguous, in the accumulator type; each input element (n, y, x, c), c
+// fastest, adds the contributions of the taps that land on it, in a fixed
+// order.  count = N * H * W * C_in.
 template <typename T>
-__global__ void conv2d_input_grad_direct(
-    const T* __restrict__ grad_out, const T* __restrict__ w,
+__global__ void conv2d_input_grad_gather(
+    const typename cupyconv::accumulator<T>::type* __restrict__ z,
     T* __restrict__ grad_x, CONV2D_GEOMETRY_PARAMS,
-    index_t go_sn, index_t go_sh, index_t go_sw, index_t go_sc,
-    index_t w_si, index_t w_sj, index_t w_scin, index_t w_scout,
     index_t gx_sn, index_t gx_sh, index_t gx_sw, index_t gx_sc, index_t count) {
     using namespace conv2d;
     const Geometry g = CONV2D_GEOMETRY;
     const index_t channels = g.cin_g * g.groups;
+    const index_t taps = g.kernel_h * g.kernel_w * g.cin_g;
+    const index_t pixels = g.batch * g.out_height * g.out_width;
     for (index_t e = cupyconv::global_thread_id(); e < count;
          e += cupyconv::grid_stride()) {
         const index_t c = e % channels;
         const Pixel px = split_pixel(e / channels, g.height, g.width);
         const index_t group = c / g.cin_g;
-        const T* go = grad_out + px.n * go_sn + group * g.cout_g * go_sc;
-        const T* wc = w + (c - group * g.cin_g) * w_scin + group * g.cout_g * w_scout;
+        const Acc<T>* zc = z + group * pixels * taps +
+                           px.n * g.out_height * g.out_width * taps + (c - group * g.cin_g);
         Acc<T> sum = 0;
         for (index_t i = 0; i < g.kernel_h; ++i) {
             index_t oy, ox;
@@ -575,12 +579,7 @@ __global__ void conv2d_input_grad_direct(
             for (index_t j = 0; j < g.kernel_w; ++j) {
                 if (!output_reaching(px.x + g.pad_left, j * g.dilation_w, g.stride_w,
                                      g.out_width, ox)) continue;
-                const T* go_tap = go + oy * go_sh + ox * go_sw;
-                const T* w_tap = wc + i * w_si + j * w_sj;
-                for (index_t co = 0; co < g.cout_g; ++co) {
-                    sum += cupyconv::to_acc(go_tap[co * go_sc]) *
-                           cupyconv::to_acc(w_tap[co * w_scout]);
-                }
+                sum += zc[(oy * g.out_width + ox) * taps + (i * g.kernel_w + j) * g.cin_g];
             }
         }
         grad_x[px.n * gx_sn + px.y * gx_sh + px.x * gx_sw + c * gx_sc] =

@@ -30,18 +30,25 @@ _SLICE = 16
 _THREADS = 256
 _MAX_BLOCKS = 2**31 - 1  # gridDim.x
 
-# Input gradients with at most this many input channels per group take the
-# direct kernel: the GEMM's 64-column tiles would be mostly empty (with the
-# GEMM alone, the seed 20-day first layer's forward and both gradients, one
-# input channel, took 18x the time of cuDNN's on an H200).
-_DIRECT_INPUT_GRAD_CHANNELS = 4
+# Input gradients with at most this many input channels per group (a first
+# layer's) go through the taps (_input_grad_by_taps): the GEMM's 64-column
+# tiles would be mostly empty.
+_BY_TAPS_CHANNELS = 4
+
+#: Bytes of tap contributions computed at once by _input_grad_by_taps; a
+#: larger batch goes through in parts.
+_BY_TAPS_WORKSPACE_BYTES = 1 << 28
 
 # Split-K of the weight gradient: enough blocks to keep a large GPU busy,
 # but each split at least _MIN_SPLIT_SLICES slices deep so that the partial
-# sums cost little next to the products, and a bounded workspace.
+# sums cost little next to the products, and a bounded workspace (about
+# _TARGET_BLOCKS 64 x 64 tiles of partial sums at most).  On an H200, at
+# most 256 splits rather than 64 took the weight gradient of the seed
+# 20-day first layer (15 taps x 64 channels: one tile) from 337 to 194 us,
+# the seed first layer's from 225 to 182 us (synchronised calls).
 _TARGET_BLOCKS = 1024
 _MIN_SPLIT_SLICES = 8
-_MAX_SPLITS = 64
+_MAX_SPLITS = 256
 
 # Axes of (n, h, w, c) for activations and of (i, j, c_in, c_out) for weights.
 _ACTIVATION_AXES = {"NHWC": (0, 1, 2, 3), "NCHW": (0, 2, 3, 1)}
@@ -93,18 +100,13 @@ def conv2d_input_grad(w, grad_out, geom):
     grad_x = xp.empty(geom.in_shape, dtype=grad_out.dtype)
     if grad_x.size == 0:
         return grad_x
+    if _per_group(geom.in_channels, geom) <= _BY_TAPS_CHANNELS:
+        return _input_grad_by_taps(xp, w, grad_out, grad_x, geom)
     w, grad_out = _kernels.kernel_operand(w), _kernels.kernel_operand(grad_out)
     layout = geom.layout
     gos = _strides(grad_out, _ACTIVATION_AXES[layout])
     ws = _strides(w, _WEIGHT_AXES[layout])
     gxs = _strides(grad_x, _ACTIVATION_AXES[layout])
-    if _per_group(geom.in_channels, geom) <= _DIRECT_INPUT_GRAD_CHANNELS:
-        kernel = _kernels.get_function(
-            "conv2d", f"conv2d_input_grad_direct<{_kernels.c_type(w.dtype)}>")
-        kernel(_kernels.grid_for(grad_x.size), (_THREADS,),
-               (grad_out, w, grad_x) + _geometry(geom) + gos + ws + gxs
-               + (numpy.int64(grad_x.size),))
-        return grad_x
     flags = (
         # A: rows are input pixels, k is (i, j, c_out) with c_out fastest.
         _rows_fastest(gos[2], gos[3]),
@@ -118,6 +120,42 @@ def conv2d_input_grad(w, grad_out, geom):
         (grad_out, w, grad_x) + _geometry(geom) + gos + ws + gxs
         + tuple(numpy.int32(f) for f in flags),
     )
+    return grad_x
+
+
+def _input_grad_by_taps(xp, w, grad_out, grad_x, geom):
+    """The input gradient of a layer with few input channels per group, in
+    two steps.  One matrix product per group (cuBLAS on the GPU) gives each
+    output pixel's contribution to every tap of its window::
+
+        z[g, (n, oy, ox), (i, j, c)] = sum over co of
+            grad_out[n, oy, ox, g*Cog + co] * w[i, j, c, g*Cog + co]
+
+    and ``conv2d_input_grad_gather`` adds, for each input element, the
+    contributions of the taps that land on it.  ``z`` is the size of an
+    im2col matrix, so large batches go through in parts of at most
+    ``_BY_TAPS_WORKSPACE_BYTES``.  float16 is multiplied in float32."""
+    (kh, kw), groups = geom.kernel, geom.groups
+    cin_g, cout_g = _per_group(geom.in_channels, geom), _per_group(geom.out_channels, geom)
+    taps = kh * kw * cin_g
+    acc = numpy.dtype(numpy.float32 if grad_out.dtype == numpy.float16 else grad_out.dtype)
+    if geom.layout == "NCHW":  # to (n, oy, ox, c_out) and (i, j, c_in, c_out)
+        grad_out, w = grad_out.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0)
+    w_taps = w.reshape(taps, groups, cout_g).transpose(1, 2, 0).astype(acc, copy=False)
+    pixels = math.prod(geom.out_hw)
+    per_image = groups * pixels * taps * acc.itemsize
+    chunk = max(1, _BY_TAPS_WORKSPACE_BYTES // max(1, per_image))
+    gather = _kernels.get_function(
+        "conv2d", f"conv2d_input_grad_gather<{_kernels.c_type(grad_x.dtype)}>")
+    for n0 in range(0, geom.batch, chunk):
+        part = geom._replace(batch=min(chunk, geom.batch - n0))
+        go = grad_out[n0:n0 + part.batch].reshape(part.batch * pixels, groups, cout_g)
+        z = xp.matmul(go.transpose(1, 0, 2).astype(acc, copy=False), w_taps)
+        part_x = grad_x[n0:n0 + part.batch]
+        gather(_kernels.grid_for(part_x.size), (_THREADS,),
+               (z, part_x) + _geometry(part)
+               + _strides(part_x, _ACTIVATION_AXES[geom.layout])
+               + _kernels.int64s(part_x.size))
     return grad_x
 
 

@@ -65,7 +65,7 @@ FAMILIES = {
     "conv2d": tuple(
         f"{kernel}<{t}>"
         for kernel in ("conv2d_forward_igemm", "conv2d_input_grad_igemm",
-                       "conv2d_input_grad_direct", "conv2d_weight_grad_igemm",
+                       "conv2d_input_grad_gather", "conv2d_weight_grad_igemm",
                        "conv2d_weight_grad_reduce")
         for t in FLOAT_TYPES.values()
     ),

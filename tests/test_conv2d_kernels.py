@@ -266,15 +266,15 @@ def test_reference_matches_torch(case):
 # ---- kernels on the CPU executor -----------------------------------------------
 
 
-#: The two input-gradient kernels, chosen by channels per group.
-INPUT_GRAD_ROUTES = {"gemm": 0, "direct": 2**62}
+#: The two input-gradient routes, chosen by channels per group.
+INPUT_GRAD_ROUTES = {"gemm": 0, "taps": 2**62}
 
 
 @pytest.fixture(params=sorted(INPUT_GRAD_ROUTES))
 def input_grad_route(request, monkeypatch):
-    """Every case through the implicit GEMM and through the direct kernel."""
-    monkeypatch.setattr(_conv2d_cuda, "_DIRECT_INPUT_GRAD_CHANNELS",
-                        INPUT_GRAD_ROUTES[request.param])
+    """Every case through the implicit GEMM and through the taps (a matrix
+    product and the gather kernel)."""
+    monkeypatch.setattr(_conv2d_cuda, "_BY_TAPS_CHANNELS", INPUT_GRAD_ROUTES[request.param])
     return request.param
 
 
@@ -283,18 +283,47 @@ def test_kernels_match_reference(cpu_kernels, input_grad_route, case):
     run_case(case, *case.arrays())
 
 
-def test_direct_input_grad_is_chosen_for_few_channels(cpu_kernels, monkeypatch):
+def test_input_grad_by_taps_is_chosen_for_few_channels(cpu_kernels, monkeypatch):
     launched = []
     real = _kernels.get_function
     monkeypatch.setattr(_kernels, "get_function",
                         lambda family, name: launched.append(name) or real(family, name))
-    for c_in, kernel in ((4, "conv2d_input_grad_direct<float>"),
+    for c_in, kernel in ((4, "conv2d_input_grad_gather<float>"),
                          (5, "conv2d_input_grad_igemm<float>")):
         case = Case(1, 6, 5, c_in, 3, (3, 3), padding=((1, 1), (1, 1)), dtype=np.float32)
         _, w, _, grad_out = case.arrays()
         launched.clear()
         grad_x = _conv2d_cuda.conv2d_input_grad(w, grad_out, case.geom)
         assert launched == [kernel]
+        assert_close(grad_x, reference_input_grad(w, grad_out, case.x_shape, *case.params()),
+                     case.dtype)
+
+
+@pytest.mark.parametrize("images_per_part", [1, 2])
+def test_input_grad_by_taps_in_parts(cpu_kernels, monkeypatch, images_per_part):
+    """A batch whose tap contributions exceed the workspace goes through in
+    parts, one gather launch each (five images in parts of two leave a last
+    part of one)."""
+    launches = []
+    real = _kernels.get_function
+
+    def counting(family, name):
+        function = real(family, name)
+        return lambda *args, **kwargs: launches.append(name) or function(*args, **kwargs)
+
+    monkeypatch.setattr(_kernels, "get_function", counting)
+    for case in (Case(5, 7, 6, 2, 3, (2, 2), stride=(2, 1), padding=((1, 0), (0, 1)),
+                      dtype=np.float32),
+                 Case(5, 6, 5, 4, 6, (3, 1), padding=((1, 1), (0, 0)), groups=2,
+                      layout="NCHW", dtype=np.float16)):
+        (oh, ow), (kh, kw) = case.out_hw, case.kernel
+        per_image = oh * ow * kh * kw * case.c_in * 4  # float32 contributions
+        monkeypatch.setattr(_conv2d_cuda, "_BY_TAPS_WORKSPACE_BYTES",
+                            images_per_part * per_image)
+        _, w, _, grad_out = case.arrays()
+        launches.clear()
+        grad_x = _conv2d_cuda.conv2d_input_grad(w, grad_out, case.geom)
+        assert len(launches) == -(-case.n // images_per_part)
         assert_close(grad_x, reference_input_grad(w, grad_out, case.x_shape, *case.params()),
                      case.dtype)
 
