@@ -134,7 +134,8 @@ def _input_grad_by_taps(xp, w, grad_out, grad_x, geom):
     and ``conv2d_input_grad_gather`` adds, for each input element, the
     contributions of the taps that land on it.  ``z`` is the size of an
     im2col matrix, so large batches go through in parts of at most
-    ``_BY_TAPS_WORKSPACE_BYTES``.  float16 is multiplied in float32."""
+    ``_BY_TAPS_WORKSPACE_BYTES`` (or one image).  float16 is multiplied in
+    float32."""
     (kh, kw), groups = geom.kernel, geom.groups
     cin_g, cout_g = _per_group(geom.in_channels, geom), _per_group(geom.out_channels, geom)
     taps = kh * kw * cin_g
@@ -151,6 +152,7 @@ def _input_grad_by_taps(xp, w, grad_out, grad_x, geom):
         part = geom._replace(batch=min(chunk, geom.batch - n0))
         go = grad_out[n0:n0 + part.batch].reshape(part.batch * pixels, groups, cout_g)
         z = xp.matmul(go.transpose(1, 0, 2).astype(acc, copy=False), w_taps)
+        z = xp.ascontiguousarray(z)  # as the kernel indexes it (matmul's already is)
         part_x = grad_x[n0:n0 + part.batch]
         gather(_kernels.grid_for(part_x.size), (_THREADS,),
                (z, part_x) + _geometry(part)

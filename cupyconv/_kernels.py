@@ -19,7 +19,9 @@ import pathlib
 
 import numpy
 
-__all__ = ["FAMILIES", "KernelCompileError", "c_type", "cuda_source_dir", "divisor32", "get_function"]
+__all__ = [
+    "FAMILIES", "KernelCompileError", "c_type", "cuda_source_dir", "divisor32", "get_function",
+]
 
 #: Integer types that move an element of a given byte size.  Kernels that only
 #: copy elements (dilate) are instantiated per size, not per dtype.
