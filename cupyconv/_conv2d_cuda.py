@@ -139,7 +139,7 @@ def _input_grad_by_taps(xp, w, grad_out, grad_x, geom):
     (kh, kw), groups = geom.kernel, geom.groups
     cin_g, cout_g = _per_group(geom.in_channels, geom), _per_group(geom.out_channels, geom)
     taps = kh * kw * cin_g
-    acc = numpy.dtype(numpy.float32 if grad_out.dtype == numpy.float16 else grad_out.dtype)
+    acc = _kernels.accumulator_dtype(grad_out.dtype)
     if geom.layout == "NCHW":  # to (n, oy, ox, c_out) and (i, j, c_in, c_out)
         grad_out, w = grad_out.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0)
     w_taps = w.reshape(taps, groups, cout_g).transpose(1, 2, 0).astype(acc, copy=False)
@@ -181,8 +181,7 @@ def conv2d_weight_grad(x, grad_out, geom):
     taps = kh * kw * cin_g
     splits, split_len = _weight_grad_splits(
         taps, cout_g, groups, geom.batch * math.prod(geom.out_hw))
-    acc_dtype = numpy.float64 if x.dtype == numpy.float64 else numpy.float32
-    partial = xp.empty((splits, groups, taps, cout_g), dtype=acc_dtype)
+    partial = xp.empty((splits, groups, taps, cout_g), _kernels.accumulator_dtype(x.dtype))
     xs = _strides(x, _ACTIVATION_AXES[layout])
     gos = _strides(grad_out, _ACTIVATION_AXES[layout])
     flags = (

@@ -20,7 +20,8 @@ import pathlib
 import numpy
 
 __all__ = [
-    "FAMILIES", "KernelCompileError", "c_type", "cuda_source_dir", "divisor32", "get_function",
+    "FAMILIES", "KernelCompileError", "accumulator_dtype", "c_type", "cuda_source_dir",
+    "divisor32", "get_function",
 ]
 
 #: Integer types that move an element of a given byte size.  Kernels that only
@@ -58,6 +59,12 @@ def c_type(dtype):
     """The C++ type of ``dtype`` in name expressions, ``None`` if no kernel
     takes it."""
     return _C_TYPES.get(dtype)
+
+
+def accumulator_dtype(dtype):
+    """The dtype the kernels sum ``dtype`` in (``cupyconv::accumulator``):
+    float16 in float32, every other dtype in itself."""
+    return numpy.dtype(numpy.float32 if dtype == numpy.float16 else dtype)
 
 
 #: family -> every name expression the package may launch from cuda/<family>.cu.

@@ -369,15 +369,13 @@ def _backward(grad_out, indices, pool):
     """Any window: each tap adds the gradients of the windows that picked it.
     Per input element the windows come in tap order, as in the gather kernel;
     float16 sums in float32 like the kernel, so both round alike."""
-    dtype = grad_out.dtype
-    sums = numpy.zeros(pool.in_shape,
-                       numpy.float32 if dtype == numpy.float16 else dtype)
+    sums = numpy.zeros(pool.in_shape, _kernels.accumulator_dtype(grad_out.dtype))
     grad_in = _hwc(sums, pool.layout)
     grads, picks = _hwc(grad_out, pool.layout), _hwc(indices, pool.layout)
     for out_rows, out_cols, in_rows, in_cols, at in _taps(pool):
         picked = picks[:, out_rows, out_cols] == at
         grad_in[:, in_rows, in_cols] += _kept(grads[:, out_rows, out_cols], picked)
-    return sums.astype(dtype, copy=False)
+    return sums.astype(grad_out.dtype, copy=False)
 
 
 # The 2x1 path sees an array as (planes, H, row) like the 2x1 kernels (see
