@@ -11,6 +11,8 @@ import sys
 
 import numpy
 
+from . import _fused
+
 __all__ = [
     "get_array_module",
     "asnumpy",
@@ -181,6 +183,8 @@ def backend_info():
     dict
         ``backend`` is ``"CuPy (GPU)"`` or ``"NumPy fallback"``; with a GPU
         also ``device``, ``cuda`` and ``cupy`` versions, else ``reason``.
+        ``numpy`` is NumPy's version; ``numba`` numba's, or ``"not
+        installed"`` (it compiles the NumPy path's fused CPU loops).
 
     Examples
     --------
@@ -189,7 +193,7 @@ def backend_info():
     True
     """
     cupy, reason = _probe_gpu()
-    info = {"numpy": numpy.__version__}
+    info = {"numpy": numpy.__version__, "numba": _fused.numba_version() or "not installed"}
     if cupy is None:
         info.update(backend="NumPy fallback", reason=reason)
         return info

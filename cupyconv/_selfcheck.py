@@ -99,7 +99,7 @@ CHECKS = {
 def report():
     """Print version, backend and the self-check; return the exit status."""
     info = cc.backend_info()
-    print(f"cupyconv {cc.__version__} (NumPy {info['numpy']})")
+    print(f"cupyconv {cc.__version__} (NumPy {info['numpy']}, numba {info['numba']})")
     if info["backend"] == "NumPy fallback":
         print(f"backend: NumPy fallback -- {info['reason']}")
         xp, against = numpy, "a direct reference"

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy
 
-from . import _args, _backend, _kernels, _parallel
+from . import _args, _backend, _fused, _kernels, _parallel
 
 __all__ = ["max_pool2d", "max_pool2d_backward"]
 
@@ -224,6 +224,12 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
     See Also
     --------
     max_pool2d : the forward pass.
+
+    Notes
+    -----
+    On the CPU, the 2x1 window (stride ``(2, 1)``, no padding) of float32
+    and float64 runs as one loop compiled by numba where it is installed
+    (``pip install "cupyconv[jit]"``), with the same result bit for bit.
 
     Examples
     --------
@@ -568,10 +574,23 @@ def _picks_of_windows(rows, picks):
     numpy.logical_not(picks[:, :, 1], out=picks[:, :, 0])
 
 
+def _window_ranges(windows, nbytes):
+    """``[first, stop)`` ranges of ``windows`` numbered windows, one per core
+    for inputs of :data:`~cupyconv._parallel.MIN_PARALLEL_BYTES` or more."""
+    parts = min(windows, _parallel.CPUS if nbytes >= _parallel.MIN_PARALLEL_BYTES else 1)
+    if parts == 0:
+        return []
+    bounds = [windows * i // parts for i in range(parts + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
 def _backward_2x1(grad_out, x, indices, pool):
     """2x1: each window's gradient goes to the row it picked, found by
     comparing the two rows again or by reading ``indices``; the other row
-    gets +0.  Each row's share is the gradient times a 0/1 mask of the
+    gets +0.  Where numba is installed, float32 and float64 go through one
+    fused loop per range of windows (:mod:`cupyconv._fused`), which reads
+    the input and the gradient once; what follows is the NumPy code that
+    runs otherwise.  Each row's share is the gradient times a 0/1 mask of the
     picks, on the bits (exact, unlike floats: inf * 0 is NaN).  Long rows
     are written in place with NumPy's buffer cut to a row (see the note
     above _BLOCK_BYTES): a 0/1 mask of both rows of every window, then one
@@ -625,7 +644,22 @@ def _backward_2x1(grad_out, x, indices, pool):
         numpy.copyto(windows_out[plane, pair, 1], to_bottom)
 
     itemsize = grad_out.dtype.itemsize
-    if _in_place(pool, itemsize):
+    loops = _fused.pool2x1_loops(grad_out.dtype)
+    if loops is not None:
+        zero = bits.type(0)
+        if indices is None:
+            loop, args = loops.backward, (images, grads.view(bits), rows_out, zero)
+        else:
+            loop = loops.backward_from_indices
+            args = (picks, _pair_positions(pool, 1)[0], pool.w, grads.view(bits), rows_out, zero)
+
+        def run_ranges(share):
+            for first, stop in share:
+                loop(*args, first, stop)
+
+        _parallel.for_each_share(
+            run_ranges, _window_ranges(planes * pairs, math.prod(pool.in_shape) * itemsize))
+    elif _in_place(pool, itemsize):
         blocks = _blocks(pool, itemsize, _in_place_block_bytes(pool, itemsize))
         _in_blocks(in_place, blocks)
     else:

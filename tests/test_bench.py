@@ -104,6 +104,27 @@ def test_slower_section_is_generated_from_the_data(quick_run):
     assert "at least as fast as every peer" in report.markdown(result, None, "no plot")
 
 
+def test_every_cupyconv_variant_is_listed(quick_run):
+    """Cases timing several cupyconv variants list each one, the NumPy-only
+    pool backward among them where numba is installed, with its ratio."""
+    result = copy.deepcopy(quick_run[1])
+    record = result["results"][0]
+    record["timings"] = [
+        {"peer": peer, "label": peer, "detail": detail, "median_s": median}
+        for peer, detail, median in (("cupyconv", "fast way", 0.001),
+                                     ("cupyconv", "slow way", 0.004),
+                                     ("torch", "NCHW", 0.002))]
+    record["summary"] = {"cupyconv": {"median_s": 0.001, "detail": "fast way"},
+                         "torch": {"median_s": 0.002, "detail": "NCHW", "ratio": 0.5}}
+    result["results"] = [record]
+    text = report.markdown(result, None, "no plot")
+    assert f"| {record['title']} | fast way | 1.00 ms | 0.50 |" in text
+    assert f"| {record['title']} | slow way | 4.00 ms | 2.00 |" in text
+    details = {row["detail"] for r in quick_run[1]["results"] for row in r["timings"]
+               if row["peer"] == "cupyconv"}
+    assert ("picks from x, NumPy only" in details) == (quick_run[1]["versions"]["numba"] is not None)
+
+
 def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         parser().parse_args(["--help"])

@@ -9,12 +9,13 @@ last wins, as in PyTorch; padding is never picked.
 import contextlib
 import itertools
 import math
+import sys
 
 import numpy as np
 import pytest
 
 import cupyconv as cc
-from cupyconv import _backend, _kernels, pooling
+from cupyconv import _backend, _fused, _kernels, pooling
 
 INT_DTYPES = [np.int8, np.int16, np.int32, np.int64,
               np.uint8, np.uint16, np.uint32, np.uint64]
@@ -134,12 +135,25 @@ def pool_grad(grad_nchw, x_nchw, layout, config, indices=None):
     return from_layout(grad, layout)
 
 
+@pytest.fixture(params=["fused", "numpy"])
+def cpu_loops(request):
+    """The NumPy path's 2x1 backward (float32/64) through numba's fused
+    loops, or through NumPy's ufuncs alone."""
+    if request.param == "numpy":
+        with _fused.numpy_only():
+            yield request.param
+        return
+    pytest.importorskip("numba")
+    assert _fused.pool2x1_loops(np.dtype(np.float32)) is not None
+    yield request.param
+
+
 # ---- NumPy path against the reference -------------------------------------------
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("config", CONFIGS)
-def test_matches_reference(config, kind, layout):
+def test_matches_reference(config, kind, layout, cpu_loops):
     rng = np.random.default_rng([CONFIGS.index(config), KINDS.index(kind)])
     x = make_input(rng, (2, 3) + config[-1], np.float64, kind)
     want, want_at = reference_pool(x, *config[:5])
@@ -174,7 +188,7 @@ def test_dtypes_match_reference(config, dtype):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[5], CONFIGS[8]])
-def test_gradient_dtypes(config, dtype):
+def test_gradient_dtypes(config, dtype, cpu_loops):
     rng = np.random.default_rng(3)
     x = make_input(rng, (2, 2) + config[-1], dtype, "ties")
     _, at = reference_pool(x, *config[:5])
@@ -186,9 +200,10 @@ def test_gradient_dtypes(config, dtype):
         np.testing.assert_array_equal(grad, reference_grad(x, grad_out, at))
 
 
+@pytest.mark.parametrize("cpu_loops", ["numpy"], indirect=True)  # blocks are NumPy's
 @pytest.mark.parametrize("in_place_row_bytes", [None, 0])
 @pytest.mark.parametrize("block_bytes", [48, 480, 1500])
-def test_2x1_in_blocks(monkeypatch, block_bytes, in_place_row_bytes):
+def test_2x1_in_blocks(monkeypatch, block_bytes, in_place_row_bytes, cpu_loops):
     """The 2x1 path split into blocks (runs of row pairs of one image, or a
     few whole images) shared among threads gives the same results; at 480
     bytes NHWC runs of 3 pairs leave a last run of 1 (of 4), which with
@@ -222,7 +237,7 @@ def test_2x1_in_blocks(monkeypatch, block_bytes, in_place_row_bytes):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("layout, shape", [("NHWC", (2, 128, 5, 4)),
                                            ("NCHW", (1, 3, 5, 512))])
-def test_2x1_backward_in_place_rows(monkeypatch, layout, shape, dtype):
+def test_2x1_backward_in_place_rows(monkeypatch, layout, shape, dtype, cpu_loops):
     """Rows long enough (as the seed model's 15x64 NHWC ones) for the 2x1
     forward to read them and the backward to write them in place (the
     forward's values checked too): ties, NaNs, odd H with and without
@@ -259,7 +274,81 @@ def test_2x1_backward_in_place_rows(monkeypatch, layout, shape, dtype):
             np.testing.assert_array_equal(grad.view(bits), want.reshape(shape).view(bits))
 
 
-def test_ties_pick_the_first_and_nans_the_last():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_2x1_backward_fused_in_window_ranges(monkeypatch, layout, dtype):
+    """The fused loops, their windows split into uneven ranges among three
+    threads (inputs of 1 MiB or more), give NumPy's result bit for bit:
+    ties, NaNs, an odd H with and without ceil_mode, picks recomputed or
+    given (some outside their window)."""
+    pytest.importorskip("numba")
+    monkeypatch.setattr(pooling._parallel, "CPUS", 3)
+    rng = np.random.default_rng(list(layout.encode()) + [np.dtype(dtype).itemsize])
+    shape = (3, 8, 45, 257)  # NCHW, 1.1 MB in float32
+    x = make_input(rng, shape, dtype, "nan")
+    pool = pooling._normalize(x, (2, 1), None, 0, 1, False, "NCHW")
+    assert len(pooling._window_ranges(pool.n * pool.c * (pool.h // 2), x.nbytes)) == 3
+    for ceil_mode in (False, True):
+        config = ((2, 1), None, 0, 1, ceil_mode, None)
+        _, at = pool_fn(x, layout, config, return_indices=True)
+        grad_out = rng.standard_normal(at.shape).astype(dtype)
+        grad_out.flat[::97] = np.inf
+        bogus = at.copy()
+        bogus[..., ::3, 1::2] -= 1
+        for indices in (None, at, bogus):
+            assert _fused.pool2x1_loops(np.dtype(dtype)) is not None
+            fused = pool_grad(grad_out, x, layout, config, indices)
+            with _fused.numpy_only():
+                plain = pool_grad(grad_out, x, layout, config, indices)
+            bits = np.dtype(f"u{np.dtype(dtype).itemsize}")
+            np.testing.assert_array_equal(fused.view(bits), plain.view(bits))
+
+
+def test_fused_loops_are_optional(monkeypatch):
+    """Without numba (an optional dependency) the NumPy code runs, and
+    backend_info says so; float16 never takes the loops."""
+    assert _fused.pool2x1_loops(np.dtype(np.float16)) is None
+    x = make_input(np.random.default_rng(4), (2, 3, 6, 5), np.float32, "nan")
+    g = np.arange(2 * 3 * 3 * 5, dtype=np.float32).reshape(2, 3, 3, 5)
+    want = cc.max_pool2d_backward(g, x, (2, 1), layout="NCHW")
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba fails
+    _fused._numba.cache_clear()
+    _fused._compiled.cache_clear()
+    try:
+        assert _fused.pool2x1_loops(np.dtype(np.float32)) is None
+        assert cc.backend_info()["numba"] == "not installed"
+        np.testing.assert_array_equal(
+            cc.max_pool2d_backward(g, x, (2, 1), layout="NCHW"), want)
+    finally:  # the next call imports numba again, if it is installed
+        _fused._numba.cache_clear()
+        _fused._compiled.cache_clear()
+
+
+def test_fused_loops_without_a_cache_directory(monkeypatch):
+    """numba refuses ``cache=True`` where it finds no directory to write
+    to; the loops are then compiled without a cache, and still run."""
+    numba = pytest.importorskip("numba")
+    njit, asked = numba.njit, []
+
+    def njit_without_cache_dir(**options):
+        asked.append(options.get("cache", False))
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")
+        return njit(**options)
+
+    monkeypatch.setattr(numba, "njit", njit_without_cache_dir)
+    _fused._compiled.cache_clear()
+    try:
+        loops = _fused.pool2x1_loops(np.dtype(np.float64))
+        assert loops is not None and asked == [True, False]
+        x = np.array([1.0, 3.0, np.nan, 2.0]).reshape(1, 2, 2, 1)
+        grad = cc.max_pool2d_backward(np.array([5.0, 7.0]).reshape(1, 1, 2, 1), x, (2, 1))
+        np.testing.assert_array_equal(grad.ravel(), [0, 7, 5, 0])
+    finally:
+        _fused._compiled.cache_clear()
+
+
+def test_ties_pick_the_first_and_nans_the_last(cpu_loops):
     x = np.array([[1.0, 5.0, 5.0, 2.0],
                   [5.0, 0.0, np.nan, np.nan],
                   [-np.inf, -np.inf, 7.0, np.nan]]).reshape(1, 1, 3, 4)
@@ -295,7 +384,7 @@ def test_padding_is_never_picked():
     np.testing.assert_array_equal(at.ravel(), [0, 0, 0, 0])
 
 
-def test_gradient_reaches_nan_and_inf_exactly():
+def test_gradient_reaches_nan_and_inf_exactly(cpu_loops):
     """Picked gradients are copied bit for bit, unpicked elements get +0."""
     x = np.array([1.0, 2.0, 3.0, 0.0, 5.0, 5.0]).reshape(1, 6, 1, 1)
     g = np.array([np.inf, np.nan, -0.0]).reshape(1, 3, 1, 1)
@@ -306,7 +395,7 @@ def test_gradient_reaches_nan_and_inf_exactly():
         assert all(v == 0 and not np.signbit(v) for v in grad[[0, 3, 5]])
 
 
-def test_indices_outside_their_window_contribute_nothing():
+def test_indices_outside_their_window_contribute_nothing(cpu_loops):
     x = np.arange(8.0).reshape(1, 4, 2, 1)
     g = np.ones((1, 2, 2, 1))
     bogus = np.array([0, 1, 2, 3]).reshape(1, 2, 2, 1)  # second row of windows points up
@@ -331,7 +420,7 @@ def test_odd_layouts_of_the_input():
     assert cc.max_pool2d(x, 3, 1, 1).flags.c_contiguous
 
 
-def test_empty_batch_and_channels():
+def test_empty_batch_and_channels(cpu_loops):
     out, at = cc.max_pool2d(np.zeros((0, 4, 4, 3)), 2, return_indices=True)
     assert out.shape == at.shape == (0, 2, 2, 3)
     out = cc.max_pool2d(np.zeros((2, 0, 5, 4), np.int8), (2, 1), layout="NCHW")
@@ -387,7 +476,7 @@ def test_bad_arguments(call, error, match):
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_matches_torch(config, layout):
+def test_matches_torch(config, layout, cpu_loops):
     torch = pytest.importorskip("torch")
     kernel_size, stride, padding, dilation, ceil_mode, hw = config
     rng = np.random.default_rng(11)

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import numpy
 
 import cupyconv
+from cupyconv import _fused
 
 from . import peers
 
@@ -193,6 +194,12 @@ def _torch_impls(torch, device, xp, kinds, run, out_kinds, layouts=True, tf32=Fa
     return impls
 
 
+def _numpy_only(function, *args, **kwargs):
+    """``function(*args, **kwargs)`` with the fused CPU loops switched off."""
+    with _fused.numpy_only():
+        return function(*args, **kwargs)
+
+
 def _direct(peer, run, detail=""):
     """An implementation that takes the canonical arrays as they are."""
     return Impl(peer=peer, prepare=lambda inputs: inputs, run=run,
@@ -307,6 +314,11 @@ def pool_cases(device, xp, torch, shape, dtype="float32", key="pool2x1", group="
                   detail="from indices"),
              _direct("plain", lambda s: peers.plain_pool_backward(xp, s["g"], s["x"], kernel),
                      detail="argmax mask from x")]
+    if device == "cpu" and _fused.numba_version():
+        # What an install without the jit extra runs (numba's loops switched off).
+        impls.append(_direct("cupyconv", lambda s: _numpy_only(
+            cupyconv.max_pool2d_backward, s["g"], s["x"], kernel, stride=stride),
+            detail="picks from x, NumPy only"))
     impls += _torch_pool_backward_impls(torch, device, xp, kernel, stride)
     if device == "cpu":
         impls.append(_direct("loop", lambda s: peers.loop_pool_backward(

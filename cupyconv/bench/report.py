@@ -187,6 +187,23 @@ def _memory_section(results):
     return _md_table(["case"] + [f"{PEER_LABELS['cpu'][p]} peak MB" for p in peers], rows)
 
 
+def _variants_section(results, device):
+    """Every variant of cupyconv in the cases that time several (the tables
+    above show the fastest), against PyTorch's faster memory format."""
+    rows = []
+    for record in results:
+        if record["device"] != device:
+            continue
+        ours = [r for r in record["timings"] if r["peer"] == "cupyconv" and "median_s" in r]
+        torch = record["summary"].get("torch")
+        for row in ours if len(ours) > 1 else ():
+            ratio = f"{row['median_s'] / torch['median_s']:.2f}" if torch else "-"
+            rows.append([record["title"], row["detail"], fmt_time(row["median_s"]), ratio])
+    if not rows:
+        return []
+    return _md_table(["case", "cupyconv variant", "median time", "r vs PyTorch"], rows)
+
+
 def _sweep_section(results, device):
     rows = []
     for record in results:
@@ -309,6 +326,11 @@ def markdown(result, plot_path=None, plot_note=None, report_path=None):
                 *_memory_section(result["results"]),
                 "",
             ]
+        variants = _variants_section(result["results"], device)
+        if variants:
+            out += [f"### Every cupyconv variant ({name})", "",
+                    "Where a case times several ways of calling cupyconv, the table above "
+                    "shows the fastest; here are all of them.", "", *variants, ""]
         sweep = _sweep_section(result["results"], device)
         if len(sweep) > 2:
             out += [f"### {name} batch sweep: conv2d forward, seed L2 layer", "", *sweep, ""]

@@ -14,6 +14,7 @@ import time
 import numpy
 
 import cupyconv
+from cupyconv import _fused
 
 from . import cases as cases_mod
 from . import timing
@@ -109,6 +110,7 @@ def versions():
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "cupyconv": cupyconv.__version__,
+        "numba": _fused.numba_version(),
     }
     torch, _ = cases_mod.import_torch("cpu")
     found["torch"] = torch.__version__ if torch is not None else None
