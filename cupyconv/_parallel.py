@@ -146,15 +146,23 @@ def for_each_share(function, items):
         share.result()
 
 
+def ranges(count, nbytes):
+    """``(lo, hi)`` ranges that split ``count`` items into one part per
+    core when their work touches ``nbytes`` of :data:`MIN_PARALLEL_BYTES` or
+    more, else into one part; none if ``count`` is 0."""
+    parts = min(count, CPUS if nbytes >= MIN_PARALLEL_BYTES else 1)
+    bounds = [count * i // parts for i in range(parts + 1)] if parts else []
+    return list(zip(bounds, bounds[1:]))
+
+
 def copyto(dst, src):
     """``numpy.copyto(dst, src)`` for arrays of one shape, split along the
     first axis among the cores when the copy is large enough to gain."""
-    parts = min(CPUS, dst.shape[0] if dst.ndim else 1)
-    if parts <= 1 or dst.nbytes < MIN_PARALLEL_BYTES:
+    parts = ranges(dst.shape[0] if dst.ndim else 1, dst.nbytes)
+    if len(parts) <= 1:
         numpy.copyto(dst, src)
         return
-    bounds = [i * dst.shape[0] // parts for i in range(parts + 1)]
-    slices = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    slices = [slice(lo, hi) for lo, hi in parts]
 
     def copy(share):
         for part in share:

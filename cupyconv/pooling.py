@@ -574,16 +574,6 @@ def _picks_of_windows(rows, picks):
     numpy.logical_not(picks[:, :, 1], out=picks[:, :, 0])
 
 
-def _window_ranges(windows, nbytes):
-    """``[first, stop)`` ranges of ``windows`` numbered windows, one per core
-    for inputs of :data:`~cupyconv._parallel.MIN_PARALLEL_BYTES` or more."""
-    parts = min(windows, _parallel.CPUS if nbytes >= _parallel.MIN_PARALLEL_BYTES else 1)
-    if parts == 0:
-        return []
-    bounds = [windows * i // parts for i in range(parts + 1)]
-    return list(zip(bounds, bounds[1:]))
-
-
 def _backward_2x1(grad_out, x, indices, pool):
     """2x1: each window's gradient goes to the row it picked, found by
     comparing the two rows again or by reading ``indices``; the other row
@@ -658,7 +648,7 @@ def _backward_2x1(grad_out, x, indices, pool):
                 loop(*args, first, stop)
 
         _parallel.for_each_share(
-            run_ranges, _window_ranges(planes * pairs, math.prod(pool.in_shape) * itemsize))
+            run_ranges, _parallel.ranges(planes * pairs, math.prod(pool.in_shape) * itemsize))
     elif _in_place(pool, itemsize):
         blocks = _blocks(pool, itemsize, _in_place_block_bytes(pool, itemsize))
         _in_blocks(in_place, blocks)

@@ -27,6 +27,18 @@ def test_every_item_once_and_errors_surface(monkeypatch):
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 5])
+def test_ranges_cover_every_item_once(monkeypatch, cpus):
+    monkeypatch.setattr(_parallel, "CPUS", cpus)
+    big = _parallel.MIN_PARALLEL_BYTES
+    for count in (0, 1, 3, 7, 100):
+        parts = _parallel.ranges(count, big)
+        assert len(parts) == min(count, cpus)
+        assert [i for lo, hi in parts for i in range(lo, hi)] == list(range(count))
+        assert all(hi > lo for lo, hi in parts)
+        assert _parallel.ranges(count, big - 1) == ([(0, count)] if count else [])
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 5])
 def test_copyto_splits_any_first_axis(monkeypatch, cpus):
     monkeypatch.setattr(_parallel, "CPUS", cpus)
     monkeypatch.setattr(_parallel, "MIN_PARALLEL_BYTES", 0)

@@ -287,7 +287,7 @@ def test_2x1_backward_fused_in_window_ranges(monkeypatch, layout, dtype):
     shape = (3, 8, 45, 257)  # NCHW, 1.1 MB in float32
     x = make_input(rng, shape, dtype, "nan")
     pool = pooling._normalize(x, (2, 1), None, 0, 1, False, "NCHW")
-    assert len(pooling._window_ranges(pool.n * pool.c * (pool.h // 2), x.nbytes)) == 3
+    assert len(pooling._parallel.ranges(pool.n * pool.c * (pool.h // 2), x.nbytes)) == 3
     for ceil_mode in (False, True):
         config = ((2, 1), None, 0, 1, ceil_mode, None)
         _, at = pool_fn(x, layout, config, return_indices=True)
