@@ -71,13 +71,10 @@ def _compiled():
     numba = _numba()
     if numba is None:
         return None
-    # error_model="numpy": no zero-division checks, which would keep the
-    # loops from being vectorised.
-    options = dict(nogil=True, error_model="numpy", boundscheck=False)
     try:
-        return _jit_loops(numba.njit(cache=True, **options))
+        return _jit_loops(numba.njit(nogil=True, cache=True))
     except RuntimeError:  # no writable cache directory: compile in each process
-        return _jit_loops(numba.njit(**options))
+        return _jit_loops(numba.njit(nogil=True))
 
 
 def _jit_loops(jit):
