@@ -420,6 +420,20 @@ def test_odd_layouts_of_the_input():
     assert cc.max_pool2d(x, 3, 1, 1).flags.c_contiguous
 
 
+def test_2x1_backward_of_read_only_and_broadcast_inputs(cpu_loops):
+    """Read-only arrays (numba compiles other variants for them) and
+    broadcast views give the gradient of their contiguous copies."""
+    rng = np.random.default_rng(8)
+    x = np.broadcast_to(make_input(rng, (2, 6, 1, 3), np.float32, "nan"), (2, 6, 5, 3))
+    g = rng.standard_normal((2, 3, 5, 3)).astype(np.float32)
+    _, at = cc.max_pool2d(x, (2, 1), return_indices=True)
+    want = cc.max_pool2d_backward(g, np.ascontiguousarray(x), (2, 1))
+    for a in (g, at):
+        a.setflags(write=False)
+    for indices in (None, at):
+        np.testing.assert_array_equal(cc.max_pool2d_backward(g, x, (2, 1), indices=indices), want)
+
+
 def test_empty_batch_and_channels(cpu_loops):
     out, at = cc.max_pool2d(np.zeros((0, 4, 4, 3)), 2, return_indices=True)
     assert out.shape == at.shape == (0, 2, 2, 3)
