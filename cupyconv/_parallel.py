@@ -155,6 +155,17 @@ def ranges(count, nbytes):
     return list(zip(bounds, bounds[1:]))
 
 
+def for_each_range(function, count, nbytes):
+    """Call ``function(lo, hi)`` for each of the :func:`ranges` of ``count``
+    items (work touching ``nbytes``), shared among the cores as
+    :func:`for_each_share` does."""
+    def run(share):
+        for lo, hi in share:
+            function(lo, hi)
+
+    for_each_share(run, ranges(count, nbytes))
+
+
 def copyto(dst, src):
     """``numpy.copyto(dst, src)`` for arrays of one shape, split along the
     first axis among the cores when the copy is large enough to gain."""

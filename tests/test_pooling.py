@@ -9,6 +9,9 @@ last wins, as in PyTorch; padding is never picked.
 import contextlib
 import itertools
 import math
+import os
+import re
+import subprocess
 import sys
 
 import numpy as np
@@ -137,14 +140,14 @@ def pool_grad(grad_nchw, x_nchw, layout, config, indices=None):
 
 @pytest.fixture(params=["fused", "numpy"])
 def cpu_loops(request):
-    """The NumPy path's 2x1 backward (float32/64) through numba's fused
-    loops, or through NumPy's ufuncs alone."""
+    """The NumPy path through numba's fused loops (every dtype but float16,
+    where numba is installed), or through NumPy's ufuncs alone."""
     if request.param == "numpy":
         with _fused.numpy_only():
             yield request.param
         return
     pytest.importorskip("numba")
-    assert _fused.pool2x1_loops(np.dtype(np.float32)) is not None
+    assert _fused.pool_loops(np.dtype(np.float32)) is not None
     yield request.param
 
 
@@ -174,7 +177,7 @@ def test_matches_reference(config, kind, layout, cpu_loops):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[6], CONFIGS[7]])
-def test_dtypes_match_reference(config, dtype):
+def test_dtypes_match_reference(config, dtype, cpu_loops):
     rng = np.random.default_rng(7)
     for kind in ("random", "ties"):
         x = make_input(rng, (2, 2) + config[-1], dtype, kind)
@@ -296,7 +299,7 @@ def test_2x1_backward_fused_in_window_ranges(monkeypatch, layout, dtype):
         bogus = at.copy()
         bogus[..., ::3, 1::2] -= 1
         for indices in (None, at, bogus):
-            assert _fused.pool2x1_loops(np.dtype(dtype)) is not None
+            assert _fused.pool_loops(np.dtype(dtype)) is not None
             fused = pool_grad(grad_out, x, layout, config, indices)
             with _fused.numpy_only():
                 plain = pool_grad(grad_out, x, layout, config, indices)
@@ -304,10 +307,68 @@ def test_2x1_backward_fused_in_window_ranges(monkeypatch, layout, dtype):
             np.testing.assert_array_equal(fused.view(bits), plain.view(bits))
 
 
+@pytest.mark.parametrize("by", ["pixels", "elements"])
+def test_fused_loops_of_any_window_match_numpy(monkeypatch, by):
+    """Each loop of the general window, a pixel at a time (vectorised along
+    C) or an element at a time, forced whatever C is, gives NumPy's result
+    bit for bit: every config and kind of input, both layouts, float32,
+    float64 and int32, picks recomputed or given (some outside their
+    window, some outside the image)."""
+    pytest.importorskip("numba")
+    threshold = 1 if by == "pixels" else 2**62
+    monkeypatch.setattr(pooling, "_FUSED_FORWARD_PIXELS", threshold)
+    monkeypatch.setattr(pooling, "_FUSED_BACKWARD_PIXELS", threshold)
+    rng = np.random.default_rng(len(by))
+    for config, kind, layout, dtype in itertools.product(
+            CONFIGS, KINDS, ("NHWC", "NCHW"), (np.float32, np.float64, np.int32)):
+        if dtype == np.int32 and kind in ("nan", "-inf"):
+            continue
+        x = make_input(rng, (2, 5) + config[-1], dtype, kind)
+        out, at = pool_fn(x, layout, config, return_indices=True)
+        with _fused.numpy_only():
+            want_out, want_at = pool_fn(x, layout, config, return_indices=True)
+        bits = np.dtype(f"u{np.dtype(dtype).itemsize}")
+        np.testing.assert_array_equal(out.view(bits), want_out.view(bits))
+        np.testing.assert_array_equal(at, want_at)
+        if dtype == np.int32:
+            continue
+        grad_out = rng.standard_normal(at.shape).astype(dtype)
+        grad_out.flat[::7] = np.inf
+        bogus = at.copy()
+        bogus.flat[::3] += 1
+        bogus.flat[1::5] = -1
+        bogus.flat[2::11] = math.prod(config[-1])  # one past the image
+        for indices in (None, at, bogus):
+            grad = pool_grad(grad_out, x, layout, config, indices)
+            with _fused.numpy_only():
+                want = pool_grad(grad_out, x, layout, config, indices)
+            np.testing.assert_array_equal(grad.view(bits), want.view(bits))
+
+
+@pytest.mark.skipif(os.environ.get("NUMBA_BOUNDSCHECK") == "1",
+                    reason="this is the bounds-checked run")
+def test_fused_loops_stay_in_bounds(tmp_path):
+    """The tests of the fused loops pass again with numba checking every
+    index (an IndexError where a loop would read or write out of bounds),
+    the loops compiled afresh into an empty cache."""
+    pytest.importorskip("numba")
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(cc.__file__)))
+    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join(filter(None, [package_root,
+                                                        os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+               "-k", "fused", __file__]
+    result = subprocess.run(command, env=env, capture_output=True, text=True,
+                            cwd=os.path.dirname(__file__), timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-8000:]}"
+    assert re.search(r"\d+ passed", result.stdout), output[-8000:]
+
+
 def test_fused_loops_are_optional(monkeypatch):
     """Without numba (an optional dependency) the NumPy code runs, and
     backend_info says so; float16 never takes the loops."""
-    assert _fused.pool2x1_loops(np.dtype(np.float16)) is None
+    assert _fused.pool_loops(np.dtype(np.float16)) is None
     x = make_input(np.random.default_rng(4), (2, 3, 6, 5), np.float32, "nan")
     g = np.arange(2 * 3 * 3 * 5, dtype=np.float32).reshape(2, 3, 3, 5)
     want = cc.max_pool2d_backward(g, x, (2, 1), layout="NCHW")
@@ -315,7 +376,7 @@ def test_fused_loops_are_optional(monkeypatch):
     _fused._numba.cache_clear()
     _fused._compiled.cache_clear()
     try:
-        assert _fused.pool2x1_loops(np.dtype(np.float32)) is None
+        assert _fused.pool_loops(np.dtype(np.float32)) is None
         assert cc.backend_info()["numba"] == "not installed"
         np.testing.assert_array_equal(
             cc.max_pool2d_backward(g, x, (2, 1), layout="NCHW"), want)
@@ -339,7 +400,7 @@ def test_fused_loops_without_a_cache_directory(monkeypatch):
     monkeypatch.setattr(numba, "njit", njit_without_cache_dir)
     _fused._compiled.cache_clear()
     try:
-        loops = _fused.pool2x1_loops(np.dtype(np.float64))
+        loops = _fused.pool_loops(np.dtype(np.float64))
         assert loops is not None and asked == [True, False]
         x = np.array([1.0, 3.0, np.nan, 2.0]).reshape(1, 2, 2, 1)
         grad = cc.max_pool2d_backward(np.array([5.0, 7.0]).reshape(1, 1, 2, 1), x, (2, 1))
@@ -373,7 +434,7 @@ def test_ties_pick_the_first_and_nans_the_last(cpu_loops):
                                                             [0, 2, 0, 2, 0, 2]])
 
 
-def test_padding_is_never_picked():
+def test_padding_is_never_picked(cpu_loops):
     """-inf and integer minima inside the image beat the implicit padding."""
     x = np.full((1, 1, 3, 3), -np.inf)
     _, at = cc.max_pool2d(x, 3, stride=1, padding=1, layout="NCHW", return_indices=True)
@@ -407,7 +468,7 @@ def test_indices_outside_their_window_contribute_nothing(cpu_loops):
     np.testing.assert_array_equal(grad.ravel(), [0] * 7 + [1])
 
 
-def test_odd_layouts_of_the_input():
+def test_odd_layouts_of_the_input(cpu_loops):
     """Non-contiguous views and non-native byte order give the same result."""
     rng = np.random.default_rng(5)
     base = rng.standard_normal((2, 9, 6, 8))
@@ -512,7 +573,7 @@ def test_matches_torch(config, layout, cpu_loops):
 
 
 @pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.int32, np.int64])
-def test_integers_match_torch(dtype):
+def test_integers_match_torch(dtype, cpu_loops):
     torch = pytest.importorskip("torch")
     x = make_input(np.random.default_rng(2), (2, 3, 7, 6), dtype, "random")
     for config in (CONFIGS[2], CONFIGS[5], CONFIGS[8]):

@@ -370,7 +370,58 @@ def pool_cases(device, xp, torch, shape, dtype="float32", key="pool2x1", group="
     return cases
 
 
-def _torch_pool_backward_impls(torch, device, xp, kernel, stride):
+def window_pool_cases(device, xp, torch, n, c, hw, dtype="float32"):
+    """A general window: the 3x3 pool with stride 2 and padding 1 that
+    follows a ResNet's stem, forward and backward, on NHWC (n, hw, hw, c)."""
+    kernel, stride, padding = (3, 3), (2, 2), (1, 1)
+    shape, out_shape = (n, hw, hw, c), (n, (hw + 1) // 2, (hw + 1) // 2, c)
+    itemsize = numpy.dtype(dtype).itemsize
+    in_bytes = math.prod(shape) * itemsize
+    out_bytes = math.prod(out_shape) * itemsize
+    data = f"ResNet stem pool 3x3/2, pad 1, {n}x{hw}x{hw}x{c}, {_mb(in_bytes)} in"
+    args = (kernel, stride, padding)
+
+    def torch_fwd(s):
+        return torch.nn.functional.max_pool2d(s["x"], *args)
+
+    impls = [_direct("cupyconv", lambda s: cupyconv.max_pool2d(s["x"], *args))]
+    impls += _torch_impls(torch, device, xp, {"x": "act"}, torch_fwd, ("act",))
+    cases = [Case(
+        key="window_pool", op="max_pool2d", group="resnet", device=device,
+        title=f"max_pool2d forward, {data}", dtype=dtype, shapes={"x": shape},
+        params={"kernel_size": kernel, "stride": stride, "padding": padding},
+        make_inputs=_inputs({"x": shape}, dtype), impls=impls,
+        bytes=in_bytes + out_bytes, note="bytes = input read + output written",
+    )]
+
+    def with_indices(inputs):
+        _, indices = cupyconv.max_pool2d(inputs["x"], *args, return_indices=True)
+        return {**inputs, "indices": indices}
+
+    impls = [_direct("cupyconv", lambda s: cupyconv.max_pool2d_backward(
+                 s["g"], s["x"], *args), detail="picks from x"),
+             Impl(peer="cupyconv", prepare=with_indices, to_canonical=_identity,
+                  run=lambda s: cupyconv.max_pool2d_backward(
+                      s["g"], s["x"], *args, indices=s["indices"]),
+                  detail="from indices")]
+    if device == "cpu" and _fused.numba_version():
+        impls.append(_direct("cupyconv", lambda s: _numpy_only(
+            cupyconv.max_pool2d_backward, s["g"], s["x"], *args),
+            detail="picks from x, NumPy only"))
+    impls += _torch_pool_backward_impls(torch, device, xp, kernel, stride, padding)
+    shapes = {"x": shape, "g": out_shape}
+    cases.append(Case(
+        key="window_pool_bwd", op="max_pool2d", group="resnet", device=device,
+        title=f"max_pool2d backward, {data}", dtype=dtype, shapes=shapes,
+        params={"kernel_size": kernel, "stride": stride, "padding": padding},
+        make_inputs=_inputs(shapes, dtype), impls=impls,
+        bytes=out_bytes + 8 * math.prod(out_shape) + in_bytes,
+        note="bytes = grad_y and int64 indices read + grad_x written",
+    ))
+    return cases
+
+
+def _torch_pool_backward_impls(torch, device, xp, kernel, stride, padding=(0, 0)):
     """PyTorch's max-pool backward from indices, in both memory formats: the
     op autograd calls (``max_pool2d_with_indices_backward``), with the
     forward's indices made once in ``prepare``."""
@@ -382,13 +433,14 @@ def _torch_pool_backward_impls(torch, device, xp, kernel, stride):
         def prepare(inputs, fmt=fmt):
             x = _to_torch(torch, inputs["x"], "act", fmt)
             g = _to_torch(torch, inputs["g"], "act", fmt)
-            _, indices = torch.nn.functional.max_pool2d(x, kernel, stride, return_indices=True)
+            _, indices = torch.nn.functional.max_pool2d(x, kernel, stride, padding,
+                                                        return_indices=True)
             return {"x": x, "g": g, "indices": indices}
 
         impls.append(Impl(
             peer="torch", prepare=prepare, detail=detail,
             run=lambda s: backward(s["g"], s["x"], list(kernel), list(stride),
-                                   [0, 0], [1, 1], False, s["indices"]),
+                                   list(padding), [1, 1], False, s["indices"]),
             to_canonical=lambda gx: (_from_torch(xp, gx, "act"),),
             clock="torch" if device == "gpu" else "cupy", traced=False,
             context=_torch_context(torch, device, False),
@@ -488,6 +540,8 @@ def build_cases(device, ops=OPS, quick=False):
         cases += pool_cases(device, xp, torch, (size["seed_n"], 32, 15, 64),
                             key="seed_pool", group="seed",
                             label=f"seed L1 output {size['seed_n']}x32x15x64, ")
+        rn, rc, rhw = size["resnet"]
+        cases += window_pool_cases(device, xp, torch, rn, rc, 2 * rhw)
     if "conv2d" in ops:
         seed = dict(kernel=(5, 3), padding=((2, 2), (1, 1)))
         n = size["seed_n"]
