@@ -239,14 +239,15 @@ def _pool_forward_by_elements(rows, window, best, best_at, want_at, first, stop)
 
 
 def _pool_backward_by_taps(picks, grads, window, sums, zero, first, stop):
-    """Into ``sums`` (zeros) of planes ``first`` to ``stop``: each window's
-    gradient added to the element its index ``h*W + w`` names, if that is
-    one of its taps.  Tap by tap, a pixel at a time, each tap adding the
-    gradient or +0 as the NumPy code does, so that both sum alike."""
+    """Into ``sums`` of planes ``first`` to ``stop``, zeroed here: each
+    window's gradient added to the element its index ``h*W + w`` names, if
+    that is one of its taps.  Tap by tap, a pixel at a time, each tap adding
+    the gradient or +0 as the NumPy code does, so that both sum alike."""
     kh, kw, sh, sw, ph, pw, dh, dw, width, inner = window
     height, out_height = sums.shape[1], grads.shape[1]
     out_width = grads.shape[2] // inner
     for plane in range(first, stop):
+        sums[plane] = zero
         for i in range(kh):
             for j in range(kw):
                 for oh in range(out_height):
@@ -277,6 +278,7 @@ def _pool_backward_by_windows(picks, grads, window, row_of, column_of, sums,
     out_height, positions = grads.shape[1], row_of.shape[0]
     out_width = grads.shape[2] // inner
     for plane in range(first, stop):
+        sums[plane] = 0
         for oh in range(out_height - 1, -1, -1):
             top = oh * sh - ph
             for ow in range(out_width - 1, -1, -1):

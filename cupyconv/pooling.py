@@ -393,21 +393,10 @@ def _backward(grad_out, indices, pool):
     Per input element the windows come in tap order, as in the gather kernel
     and the fused loop; float16 sums in float32 like the kernel, so all
     round alike."""
-    sums = numpy.zeros(pool.in_shape, _kernels.accumulator_dtype(grad_out.dtype))
     loops = _fused.pool_loops(grad_out.dtype)
-    if loops is not None:  # float32 and float64: sums of the gradient's dtype
-        planes, _, inner = pool.rows()
-        picks, grads = _rows_of(pool, indices), _rows_of(pool, grad_out)
-        window, in_rows = _window_of(pool), _rows_of(pool, sums)
-        if inner >= _FUSED_BACKWARD_PIXELS:
-            loop = functools.partial(loops.pool_backward_by_taps, picks, grads, window,
-                                     in_rows, sums.dtype.type(0))
-        else:
-            row_of, column_of = numpy.divmod(numpy.arange(pool.h * pool.w), pool.w)
-            loop = functools.partial(loops.pool_backward_by_windows, picks, grads, window,
-                                     row_of, column_of, in_rows)
-        _parallel.for_each_range(loop, planes, sums.nbytes)
-        return sums
+    if loops is not None:
+        return _backward_fused(loops, grad_out, indices, pool)
+    sums = numpy.zeros(pool.in_shape, _kernels.accumulator_dtype(grad_out.dtype))
     grad_in = _hwc(sums, pool.layout)
     grads, picks = _hwc(grad_out, pool.layout), _hwc(indices, pool.layout)
     for out_rows, out_cols, in_rows, in_cols, at in _taps(pool):
@@ -441,11 +430,12 @@ def _window_of(pool):
 
 
 def _forward_fused(loops, x, pool, want_indices):
+    """:func:`_forward` by the fused loops, split by output rows."""
     planes, _, inner = pool.rows()
     out = numpy.empty(pool.out_shape, x.dtype)
     indices = numpy.empty(pool.out_shape if want_indices else (planes, pool.oh, 0),
                           numpy.int64)
-    rows, best = _rows_of(pool, x), out.reshape(planes, pool.oh, pool.ow * inner)
+    rows, best = _rows_of(pool, x), _rows_of(pool, out)
     best_at = indices.reshape(planes, pool.oh, pool.ow * inner if want_indices else 0)
     loop = (loops.pool_forward_by_pixels if inner >= _FUSED_FORWARD_PIXELS
             else loops.pool_forward_by_elements)
@@ -453,6 +443,25 @@ def _forward_fused(loops, x, pool, want_indices):
         functools.partial(loop, rows, _window_of(pool), best, best_at, want_indices),
         planes * pool.oh, x.nbytes)
     return out, indices if want_indices else None
+
+
+def _backward_fused(loops, grad_out, indices, pool):
+    """:func:`_backward` by the fused loops (float32 and float64, which sum
+    in their own dtype), split by planes, each zeroed by the thread that
+    sums into it, while it is in cache."""
+    planes, _, inner = pool.rows()
+    grad_in = numpy.empty(pool.in_shape, grad_out.dtype)
+    picks, grads = _rows_of(pool, indices), _rows_of(pool, grad_out)
+    window, sums = _window_of(pool), _rows_of(pool, grad_in)
+    if inner >= _FUSED_BACKWARD_PIXELS:
+        loop = functools.partial(loops.pool_backward_by_taps, picks, grads, window, sums,
+                                 grad_in.dtype.type(0))
+    else:
+        row_of, column_of = numpy.divmod(numpy.arange(pool.h * pool.w), pool.w)
+        loop = functools.partial(loops.pool_backward_by_windows, picks, grads, window,
+                                 row_of, column_of, sums)
+    _parallel.for_each_range(loop, planes, grad_in.nbytes)
+    return grad_in
 
 
 # The 2x1 path sees an array as (planes, H, row) like the 2x1 kernels (see
@@ -541,7 +550,7 @@ def _windows(a, pool):
     """Images ``a`` as (planes, H, row) and their 2x1 windows as a (planes,
     pairs, top/bottom, row) view of it."""
     planes, row, _ = pool.rows()
-    rows = numpy.ascontiguousarray(a).reshape(planes, pool.h, row)
+    rows = _rows_of(pool, a)
     pairs = pool.h // 2
     return rows, rows[:, :2 * pairs].reshape(planes, pairs, 2, row)
 
@@ -673,11 +682,11 @@ def _backward_2x1(grad_out, x, indices, pool):
     bits = numpy.dtype(f"u{grad_out.dtype.itemsize}")
     grad_in = numpy.empty(pool.in_shape, grad_out.dtype)
     rows_out, windows_out = _windows(grad_in.view(bits), pool)
-    grads = numpy.ascontiguousarray(grad_out).reshape(planes, pool.oh, row)
+    grads = _rows_of(pool, grad_out)
     if indices is None:
         images, windows = _windows(x, pool)
     else:
-        picks = numpy.ascontiguousarray(indices).reshape(planes, pool.oh, row)
+        picks = _rows_of(pool, indices)
         top_at = _pair_positions(pool, pairs)
         bottom_at = top_at + pool.w
 
@@ -722,8 +731,8 @@ def _backward_2x1(grad_out, x, indices, pool):
         else:
             loop = loops.pool2x1_backward_from_indices
             args = (picks, _pair_positions(pool, 1)[0], pool.w, grads.view(bits), rows_out, zero)
-        _parallel.for_each_range(lambda first, stop: loop(*args, first, stop),
-                                 planes * pairs, math.prod(pool.in_shape) * itemsize)
+        _parallel.for_each_range(functools.partial(loop, *args), planes * pairs,
+                                 math.prod(pool.in_shape) * itemsize)
     elif _in_place(pool, itemsize):
         blocks = _blocks(pool, itemsize, _in_place_block_bytes(pool, itemsize))
         _in_blocks(in_place, blocks)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import cupyconv as cc
+import cpu_cuda
 from cupyconv import _backend, _fused, _kernels, pooling
 
 INT_DTYPES = [np.int8, np.int16, np.int32, np.int64,
@@ -141,14 +142,16 @@ def pool_grad(grad_nchw, x_nchw, layout, config, indices=None):
 @pytest.fixture(params=["fused", "numpy"])
 def cpu_loops(request):
     """The NumPy path through numba's fused loops (every dtype but float16,
-    where numba is installed), or through NumPy's ufuncs alone."""
+    where numba is installed), or through NumPy's ufuncs alone; either way
+    with ``numpy.empty`` poisoned, so that an element left unwritten shows."""
     if request.param == "numpy":
-        with _fused.numpy_only():
+        with _fused.numpy_only(), cpu_cuda.poisoned_empty():
             yield request.param
         return
     pytest.importorskip("numba")
     assert _fused.pool_loops(np.dtype(np.float32)) is not None
-    yield request.param
+    with cpu_cuda.poisoned_empty():
+        yield request.param
 
 
 # ---- NumPy path against the reference -------------------------------------------
