@@ -385,6 +385,9 @@ def window_pool_cases(device, xp, torch, n, c, hw, dtype="float32"):
         return torch.nn.functional.max_pool2d(s["x"], *args)
 
     impls = [_direct("cupyconv", lambda s: cupyconv.max_pool2d(s["x"], *args))]
+    if device == "cpu" and _fused.numba_version():
+        impls.append(_direct("cupyconv", lambda s: _numpy_only(
+            cupyconv.max_pool2d, s["x"], *args), detail="NumPy only"))
     impls += _torch_impls(torch, device, xp, {"x": "act"}, torch_fwd, ("act",))
     cases = [Case(
         key="window_pool", op="max_pool2d", group="resnet", device=device,
