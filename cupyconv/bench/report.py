@@ -198,7 +198,8 @@ def _variants_section(results, device):
         torch = record["summary"].get("torch")
         for row in ours if len(ours) > 1 else ():
             ratio = f"{row['median_s'] / torch['median_s']:.2f}" if torch else "-"
-            rows.append([record["title"], row["detail"], fmt_time(row["median_s"]), ratio])
+            rows.append([record["title"], row["detail"] or "default", fmt_time(row["median_s"]),
+                         ratio])
     if not rows:
         return []
     return _md_table(["case", "cupyconv variant", "median time", "r vs PyTorch"], rows)
