@@ -169,17 +169,11 @@ def for_each_range(function, count, nbytes):
 def copyto(dst, src):
     """``numpy.copyto(dst, src)`` for arrays of one shape, split along the
     first axis among the cores when the copy is large enough to gain."""
-    parts = ranges(dst.shape[0] if dst.ndim else 1, dst.nbytes)
-    if len(parts) <= 1:
+    if dst.ndim == 0 or len(ranges(dst.shape[0], dst.nbytes)) <= 1:
         numpy.copyto(dst, src)
         return
-    slices = [slice(lo, hi) for lo, hi in parts]
-
-    def copy(share):
-        for part in share:
-            numpy.copyto(dst[part], src[part])
-
-    for_each_share(copy, slices)
+    for_each_range(lambda lo, hi: numpy.copyto(dst[lo:hi], src[lo:hi]),
+                   dst.shape[0], dst.nbytes)
 
 
 def for_each_block(work, blocks, scratch=dict, *, fixed_shares=False):
