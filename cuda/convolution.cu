@@ -6,14 +6,14 @@
 // dilation on the fly (an im2col or padded copy would cost kh*kw times the
 // input's memory traffic).  Per group g:
 //
-//   kernel                  rows               cols       reduction k
-//   conv2d_forward_igemm    output pixels      C_out/g    taps (i, j, c_in)
-//   conv2d_input_grad_igemm input pixels       C_in/g     taps (i, j, c_out)
-//   conv2d_weight_grad_igemm taps (i, j, c_in) C_out/g    output pixels
+//   kernel                          rows               cols     reduction k
+//   convolution_forward_igemm       output pixels      C_out/g  taps (i, j, c_in)
+//   convolution_input_grad_igemm    input pixels       C_in/g   taps (i, j, c_out)
+//   convolution_weight_grad_igemm   taps (i, j, c_in)  C_out/g  output pixels
 //
 // With 4 input channels per group or fewer, the input gradient is a
 // matrix product per group (outside these kernels) and
-// conv2d_input_grad_gather instead.
+// convolution_input_grad_gather instead.
 //
 // Tensors are addressed through element strides given in semantic order,
 // (n, h, w, c) for activations and (i, j, c_in, c_out) for weights, so one
@@ -30,20 +30,20 @@
 //
 // The weight gradient reduces over N*OH*OW, usually far longer than its
 // output is large, so the reduction is cut into fixed chunks whose partial
-// sums go to a workspace; conv2d_weight_grad_reduce adds them in a fixed
+// sums go to a workspace; convolution_weight_grad_reduce adds them in a fixed
 // order.  No atomics anywhere: results are bitwise reproducible.
 #include "cupyconv_common.cuh"
 
-using cupyconv::index_t;
-
-namespace conv2d {
+// Every kernel and helper of this file lives in cupyconv::convolution.
+namespace cupyconv::convolution {
 
 template <typename T>
 using Acc = typename cupyconv::accumulator<T>::type;
 
 constexpr int kTile = 64;       // rows and columns of C per block
 constexpr int kTileK = 16;      // reduction depth of one shared-memory slice
-// Launch with exactly this many threads.  The GEMM kernels declare
+// Launch with exactly this many threads (cupyconv._kernels.THREADS, which
+// every launch uses).  The GEMM kernels declare
 // __launch_bounds__(kThreads, 2): two resident blocks per SM cap them at 128
 // registers (without the cap they take ~165 and only one block fits; the
 // cap spills a few bytes of setup for float, ~100 bytes for double).
@@ -72,14 +72,14 @@ struct Geometry {
 
 // The geometry is the same first 16 parameters of every GEMM kernel; the
 // macros keep the three signatures and the Python argument order in step.
-#define CONV2D_GEOMETRY_PARAMS                                              \
+#define CONVOLUTION_GEOMETRY_PARAMS                                         \
     index_t batch, index_t height, index_t width, index_t out_height,       \
         index_t out_width, index_t kernel_h, index_t kernel_w,              \
         index_t cin_g, index_t cout_g, index_t groups, index_t stride_h,    \
         index_t stride_w, index_t pad_top, index_t pad_left,                \
         index_t dilation_h, index_t dilation_w
-#define CONV2D_GEOMETRY                                                     \
-    conv2d::Geometry {                                                      \
+#define CONVOLUTION_GEOMETRY                                                \
+    Geometry {                                                              \
         batch, height, width, out_height, out_width, kernel_h, kernel_w,    \
             cin_g, cout_g, groups, stride_h, stride_w, pad_top, pad_left,   \
             dilation_h, dilation_w                                          \
@@ -466,25 +466,22 @@ __device__ void store_pixel_tile(T* out, const TensorStrides& s,
     }
 }
 
-}  // namespace conv2d
-
 // y[n, oh, ow, g*Cog + co] = bias[g*Cog + co] + sum over (i, j, c) of
 //   x[n, oh*sh - top + i*dh, ow*sw - left + j*dw, g*Cig + c] * w[i, j, c, g*Cog + co]
 // One block: 64 output pixels x 64 output channels of one group.  bias is
 // read only when has_bias (pass any T array otherwise).
 template <typename T>
-__global__ void __launch_bounds__(conv2d::kThreads, 2) conv2d_forward_igemm(
+__global__ void __launch_bounds__(kThreads, 2) convolution_forward_igemm(
     const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-    T* __restrict__ y, CONV2D_GEOMETRY_PARAMS,
+    T* __restrict__ y, CONVOLUTION_GEOMETRY_PARAMS,
     index_t x_sn, index_t x_sh, index_t x_sw, index_t x_sc,
     index_t w_si, index_t w_sj, index_t w_scin, index_t w_scout,
     index_t y_sn, index_t y_sh, index_t y_sw, index_t y_sc,
     index_t bias_stride, int has_bias, int x_rows_fastest, int w_rows_fastest,
     int lanes_along_rows) {
-    using namespace conv2d;
     typedef Acc<T> A;
     __shared__ SharedSlices<A> smem;
-    const Geometry g = CONV2D_GEOMETRY;
+    const Geometry g = CONVOLUTION_GEOMETRY;
     const TensorStrides xs{x_sn, x_sh, x_sw, x_sc};
     const TensorStrides ys{y_sn, y_sh, y_sw, y_sc};
     const index_t pixels = g.batch * g.out_height * g.out_width;
@@ -513,17 +510,16 @@ __global__ void __launch_bounds__(conv2d::kThreads, 2) conv2d_forward_igemm(
 // Every input pixel is written, the ones no window reads with zero.
 // One block: 64 input pixels x 64 input channels of one group.
 template <typename T>
-__global__ void __launch_bounds__(conv2d::kThreads, 2) conv2d_input_grad_igemm(
+__global__ void __launch_bounds__(kThreads, 2) convolution_input_grad_igemm(
     const T* __restrict__ grad_out, const T* __restrict__ w,
-    T* __restrict__ grad_x, CONV2D_GEOMETRY_PARAMS,
+    T* __restrict__ grad_x, CONVOLUTION_GEOMETRY_PARAMS,
     index_t go_sn, index_t go_sh, index_t go_sw, index_t go_sc,
     index_t w_si, index_t w_sj, index_t w_scin, index_t w_scout,
     index_t gx_sn, index_t gx_sh, index_t gx_sw, index_t gx_sc,
     int go_rows_fastest, int w_rows_fastest, int lanes_along_rows) {
-    using namespace conv2d;
     typedef Acc<T> A;
     __shared__ SharedSlices<A> smem;
-    const Geometry g = CONV2D_GEOMETRY;
+    const Geometry g = CONVOLUTION_GEOMETRY;
     const TensorStrides gos{go_sn, go_sh, go_sw, go_sc};
     const TensorStrides gxs{gx_sn, gx_sh, gx_sw, gx_sc};
     const index_t pixels = g.batch * g.height * g.width;
@@ -555,12 +551,11 @@ __global__ void __launch_bounds__(conv2d::kThreads, 2) conv2d_input_grad_igemm(
 // fastest, adds the contributions of the taps that land on it, in a fixed
 // order.  count = N * H * W * C_in.
 template <typename T>
-__global__ void conv2d_input_grad_gather(
+__global__ void convolution_input_grad_gather(
     const typename cupyconv::accumulator<T>::type* __restrict__ z,
-    T* __restrict__ grad_x, CONV2D_GEOMETRY_PARAMS,
+    T* __restrict__ grad_x, CONVOLUTION_GEOMETRY_PARAMS,
     index_t gx_sn, index_t gx_sh, index_t gx_sw, index_t gx_sc, index_t count) {
-    using namespace conv2d;
-    const Geometry g = CONV2D_GEOMETRY;
+    const Geometry g = CONVOLUTION_GEOMETRY;
     const index_t channels = g.cin_g * g.groups;
     const index_t taps = g.kernel_h * g.kernel_w * g.cin_g;
     const index_t pixels = g.batch * g.out_height * g.out_width;
@@ -594,17 +589,16 @@ __global__ void conv2d_input_grad_gather(
 // split_len (a multiple of 16) output pixels per split; partial is
 // contiguous [splits, groups, kh*kw*Cig, Cog] in the accumulator type.
 template <typename T>
-__global__ void __launch_bounds__(conv2d::kThreads, 2) conv2d_weight_grad_igemm(
+__global__ void __launch_bounds__(kThreads, 2) convolution_weight_grad_igemm(
     const T* __restrict__ x, const T* __restrict__ grad_out,
     typename cupyconv::accumulator<T>::type* __restrict__ partial,
-    CONV2D_GEOMETRY_PARAMS,
+    CONVOLUTION_GEOMETRY_PARAMS,
     index_t x_sn, index_t x_sh, index_t x_sw, index_t x_sc,
     index_t go_sn, index_t go_sh, index_t go_sw, index_t go_sc,
     index_t split_len, int x_rows_fastest, int go_rows_fastest) {
-    using namespace conv2d;
     typedef Acc<T> A;
     __shared__ SharedSlices<A> smem;
-    const Geometry g = CONV2D_GEOMETRY;
+    const Geometry g = CONVOLUTION_GEOMETRY;
     const TensorStrides xs{x_sn, x_sh, x_sw, x_sc};
     const TensorStrides gos{go_sn, go_sh, go_sw, go_sc};
     const index_t taps = g.kernel_h * g.kernel_w * g.cin_g;
@@ -640,12 +634,12 @@ __global__ void __launch_bounds__(conv2d::kThreads, 2) conv2d_weight_grad_igemm(
 // grad_w[i, j, c, g*Cog + co] = sum over s = 0 .. splits-1, in this order, of
 // partial[s, g, (i, j, c), co].
 template <typename T>
-__global__ void conv2d_weight_grad_reduce(
+__global__ void convolution_weight_grad_reduce(
     const typename cupyconv::accumulator<T>::type* __restrict__ partial,
     T* __restrict__ grad_w, index_t splits, index_t groups, index_t kernel_w,
     index_t taps, index_t cin_g, index_t cout_g, index_t w_si, index_t w_sj,
     index_t w_scin, index_t w_scout) {
-    typedef conv2d::Acc<T> A;
+    typedef Acc<T> A;
     const index_t count = groups * taps * cout_g;
     for (index_t e = cupyconv::global_thread_id(); e < count;
          e += cupyconv::grid_stride()) {
@@ -653,9 +647,11 @@ __global__ void conv2d_weight_grad_reduce(
         for (index_t s = 1; s < splits; ++s) sum += partial[s * count + e];
         const index_t co = e % cout_g;
         const index_t gt = e / cout_g;
-        const conv2d::Tap tap = conv2d::split_tap(gt % taps, kernel_w, cin_g);
+        const Tap tap = split_tap(gt % taps, kernel_w, cin_g);
         const index_t out_channel = gt / taps * cout_g + co;
         grad_w[tap.i * w_si + tap.j * w_sj + tap.c * w_scin +
                out_channel * w_scout] = cupyconv::from_acc<T>(sum);
     }
 }
+
+}  // namespace cupyconv::convolution

@@ -1,4 +1,5 @@
-// dilate / undilate as one gather over the output.
+// dilate / undilate as one gather over the output, the kernel
+// dilation_forward_gather (undilate is the gather of a strided view).
 //
 // Output element o (multi-index o_0..o_{ndim-1}) reads the input at
 // (o_k / step_k) along every axis k when o_k is a multiple of step_k and
@@ -10,8 +11,6 @@
 // moves contiguous runs in units of up to 16 bytes.
 #include "cupyconv_common.cuh"
 
-using cupyconv::index_t;
-
 // meta holds 8 rows of ndim int64 values: out_shape, in_shape, step,
 // in_strides (in bytes, any sign: views of any layout are read in place),
 // then the divisor32 magic and shift of out_shape and of step.  With
@@ -19,8 +18,8 @@ using cupyconv::index_t;
 // per-axis divisions take the multiply-and-shift path; a 64-bit division
 // costs dozens of instructions per axis and made the gather compute-bound.
 
-namespace cupyconv {
-namespace dilation {
+// Every kernel and helper of this file lives in cupyconv::dilation.
+namespace cupyconv::dilation {
 
 // One axis of the fast path, loaded once per thread.
 struct axis32 {
@@ -115,15 +114,11 @@ __device__ __forceinline__ void gather_wide(const char* __restrict__ in, T* __re
     }
 }
 
-}  // namespace dilation
-}  // namespace cupyconv
-
 template <typename T>
-__global__ void dilate_gather(const char* __restrict__ in,
-                              T* __restrict__ out,
-                              const index_t* __restrict__ meta,
-                              index_t n_out, int ndim, int fast_index) {
-    using namespace cupyconv::dilation;
+__global__ void dilation_forward_gather(const char* __restrict__ in,
+                                        T* __restrict__ out,
+                                        const index_t* __restrict__ meta,
+                                        index_t n_out, int ndim, int fast_index) {
     if (!fast_index) {
         gather_wide(in, out, meta, n_out, ndim);
         return;
@@ -136,3 +131,5 @@ __global__ void dilate_gather(const char* __restrict__ in,
         default: gather_any(in, out, meta, n_out, ndim);
     }
 }
+
+}  // namespace cupyconv::dilation

@@ -8,16 +8,15 @@
 // dtype's minimum for integers) that is never picked.  The Python side
 // rejects windows with no input element.
 //
-// Two kernels per direction: a general one (any window, stride, padding,
-// dilation, ceil_mode; one thread per output element forward, a deterministic
-// gather per input element backward) and one for the 2x1 window with stride
-// (2, 1), which reads each input row pair once with 16-byte loads.
+// Two kernels per direction: pooling_<direction>_window for any window,
+// stride, padding, dilation and ceil_mode (one thread per output element
+// forward, a deterministic gather per input element backward), and
+// pooling_<direction>_2x1 for the 2x1 window with stride (2, 1), which reads
+// each input row pair once with 16-byte loads.
 #include "cupyconv_common.cuh"
 
-using cupyconv::index_t;
-
-namespace cupyconv {
-namespace pool {
+// Every kernel and helper of this file lives in cupyconv::pooling.
+namespace cupyconv::pooling {
 
 // Whether v, a later tap, replaces best as a window's pick (strictly greater,
 // or a NaN).  Integers have no NaN; float16 compares in float32 (exact).
@@ -231,28 +230,24 @@ __device__ __forceinline__ void split(bool channels_last, index_t i, index_t C,
     }
 }
 
-}  // namespace pool
-}  // namespace cupyconv
-
 // Forward of the 2x1 window with stride (2, 1), no padding: output row oh is
 // the elementwise pick of input rows 2*oh and 2*oh + 1 (the last window has
 // one row when ceil_mode meets an odd H).  16-byte packs when the row length
 // and every pointer allow, one element per thread otherwise.  `indices` is
 // written only when with_indices is nonzero (it may then be any int64 array).
 template <typename T>
-__global__ void maxpool2x1_fwd(const T* __restrict__ in, T* __restrict__ out,
-                               index_t* __restrict__ indices, int with_indices,
-                               index_t planes, index_t H, index_t OH, index_t row,
-                               index_t inner, index_t W, int fast_index) {
+__global__ void pooling_forward_2x1(
+    const T* __restrict__ in, T* __restrict__ out, index_t* __restrict__ indices,
+    int with_indices, index_t planes, index_t H, index_t OH, index_t row,
+    index_t inner, index_t W, int fast_index) {
     constexpr int wide = 16 / sizeof(T);
-    if (row % wide == 0 && cupyconv::pool::aligned16(in) &&
-            cupyconv::pool::aligned16(out) &&
-            (!with_indices || cupyconv::pool::aligned16(indices))) {
-        cupyconv::pool::pool2x1_forward<wide>(in, out, indices, with_indices != 0,
-                                              planes, H, OH, row, inner, W, fast_index != 0);
+    if (row % wide == 0 && aligned16(in) && aligned16(out) &&
+            (!with_indices || aligned16(indices))) {
+        pool2x1_forward<wide>(in, out, indices, with_indices != 0, planes, H, OH, row,
+                              inner, W, fast_index != 0);
     } else {
-        cupyconv::pool::pool2x1_forward<1>(in, out, indices, with_indices != 0,
-                                           planes, H, OH, row, inner, W, fast_index != 0);
+        pool2x1_forward<1>(in, out, indices, with_indices != 0, planes, H, OH, row,
+                           inner, W, fast_index != 0);
     }
 }
 
@@ -261,39 +256,34 @@ __global__ void maxpool2x1_fwd(const T* __restrict__ in, T* __restrict__ out,
 // The pick comes from `indices` when with_indices is nonzero (then `in` is
 // not read), else from the input values `in`.
 template <typename T>
-__global__ void maxpool2x1_bwd(const T* __restrict__ grad_out, const T* __restrict__ in,
-                               const index_t* __restrict__ indices, int with_indices,
-                               T* __restrict__ grad_in, index_t planes, index_t H,
-                               index_t OH, index_t row, index_t inner, index_t W,
-                               int fast_index) {
+__global__ void pooling_backward_2x1(
+    const T* __restrict__ grad_out, const T* __restrict__ in,
+    const index_t* __restrict__ indices, int with_indices, T* __restrict__ grad_in,
+    index_t planes, index_t H, index_t OH, index_t row, index_t inner, index_t W,
+    int fast_index) {
     constexpr int wide = 16 / sizeof(T);
-    if (row % wide == 0 && cupyconv::pool::aligned16(grad_out) &&
-            cupyconv::pool::aligned16(grad_in) &&
-            (with_indices ? cupyconv::pool::aligned16(indices)
-                          : cupyconv::pool::aligned16(in))) {
-        cupyconv::pool::pool2x1_backward<wide>(grad_out, in, indices, with_indices != 0,
-                                               grad_in, planes, H, OH, row, inner, W,
-                                               fast_index != 0);
+    if (row % wide == 0 && aligned16(grad_out) && aligned16(grad_in) &&
+            (with_indices ? aligned16(indices) : aligned16(in))) {
+        pool2x1_backward<wide>(grad_out, in, indices, with_indices != 0, grad_in, planes,
+                               H, OH, row, inner, W, fast_index != 0);
     } else {
-        cupyconv::pool::pool2x1_backward<1>(grad_out, in, indices, with_indices != 0,
-                                            grad_in, planes, H, OH, row, inner, W,
-                                            fast_index != 0);
+        pool2x1_backward<1>(grad_out, in, indices, with_indices != 0, grad_in, planes,
+                            H, OH, row, inner, W, fast_index != 0);
     }
 }
 
 // Forward of any window: one thread per output element walks its kh x kw
 // taps in row-major order, skipping those outside the input.
 template <typename T>
-__global__ void maxpool_fwd(const T* __restrict__ in, T* __restrict__ out,
-                            index_t* __restrict__ indices, int with_indices,
-                            index_t n_out, int channels_last, index_t C, index_t H,
-                            index_t W, index_t OH, index_t OW, index_t kh, index_t kw,
-                            index_t sh, index_t sw, index_t ph, index_t pw, index_t dh,
-                            index_t dw) {
+__global__ void pooling_forward_window(
+    const T* __restrict__ in, T* __restrict__ out, index_t* __restrict__ indices,
+    int with_indices, index_t n_out, int channels_last, index_t C, index_t H,
+    index_t W, index_t OH, index_t OW, index_t kh, index_t kw, index_t sh, index_t sw,
+    index_t ph, index_t pw, index_t dh, index_t dw) {
     for (index_t o = cupyconv::global_thread_id(); o < n_out;
          o += cupyconv::grid_stride()) {
         index_t n, c, oh, ow;
-        cupyconv::pool::split(channels_last, o, C, OH, OW, n, c, oh, ow);
+        split(channels_last, o, C, OH, OW, n, c, oh, ow);
         T best = T();
         index_t best_at = -1;
         for (index_t i = 0; i < kh; ++i) {
@@ -302,8 +292,8 @@ __global__ void maxpool_fwd(const T* __restrict__ in, T* __restrict__ out,
             for (index_t j = 0; j < kw; ++j) {
                 const index_t w = ow * sw - pw + j * dw;
                 if (w < 0 || w >= W) continue;
-                const T v = in[cupyconv::pool::element_at(channels_last, n, c, h, w, C, H, W)];
-                if (best_at < 0 || cupyconv::pool::beats(v, best)) {
+                const T v = in[element_at(channels_last, n, c, h, w, C, H, W)];
+                if (best_at < 0 || beats(v, best)) {
                     best = v;
                     best_at = h * W + w;
                 }
@@ -319,16 +309,15 @@ __global__ void maxpool_fwd(const T* __restrict__ in, T* __restrict__ out,
 // window whose index picked it.  No atomics; a fixed summation order, so the
 // result is deterministic (float16 sums in float32).
 template <typename T>
-__global__ void maxpool_bwd(const T* __restrict__ grad_out,
-                            const index_t* __restrict__ indices, T* __restrict__ grad_in,
-                            index_t n_in, int channels_last, index_t C, index_t H,
-                            index_t W, index_t OH, index_t OW, index_t kh, index_t kw,
-                            index_t sh, index_t sw, index_t ph, index_t pw, index_t dh,
-                            index_t dw) {
+__global__ void pooling_backward_window(
+    const T* __restrict__ grad_out, const index_t* __restrict__ indices,
+    T* __restrict__ grad_in, index_t n_in, int channels_last, index_t C, index_t H,
+    index_t W, index_t OH, index_t OW, index_t kh, index_t kw, index_t sh, index_t sw,
+    index_t ph, index_t pw, index_t dh, index_t dw) {
     for (index_t e = cupyconv::global_thread_id(); e < n_in;
          e += cupyconv::grid_stride()) {
         index_t n, c, h, w;
-        cupyconv::pool::split(channels_last, e, C, H, W, n, c, h, w);
+        split(channels_last, e, C, H, W, n, c, h, w);
         typename cupyconv::accumulator<T>::type sum = 0;
         for (index_t i = 0; i < kh; ++i) {
             const index_t y = h + ph - i * dh;  // oh * sh when window oh holds h
@@ -336,11 +325,13 @@ __global__ void maxpool_bwd(const T* __restrict__ grad_out,
             for (index_t j = 0; j < kw; ++j) {
                 const index_t x = w + pw - j * dw;
                 if (x < 0 || x % sw != 0 || x / sw >= OW) continue;
-                const index_t o = cupyconv::pool::element_at(channels_last, n, c, y / sh,
-                                                             x / sw, C, OH, OW);
+                const index_t o = element_at(channels_last, n, c, y / sh, x / sw, C,
+                                             OH, OW);
                 if (indices[o] == h * W + w) sum += cupyconv::to_acc(grad_out[o]);
             }
         }
         grad_in[e] = cupyconv::from_acc<T>(sum);
     }
 }
+
+}  // namespace cupyconv::pooling

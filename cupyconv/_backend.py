@@ -11,8 +11,6 @@ import sys
 
 import numpy
 
-from . import _fused
-
 __all__ = [
     "get_array_module",
     "asnumpy",
@@ -193,6 +191,8 @@ def backend_info():
     True
     """
     cupy, reason = _probe_gpu()
+    from .pooling import _fused
+
     info = {"numpy": numpy.__version__, "numba": _fused.numba_version() or "not installed"}
     if cupy is None:
         info.update(backend="NumPy fallback", reason=reason)

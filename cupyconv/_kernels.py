@@ -6,11 +6,13 @@ instantiated per dtype through ``name_expressions``, declared once here in
 per (source, options, device), and CuPy's on-disk cache keeps the binary across
 runs.
 
-Launch code never talks to CuPy directly: it calls :func:`get_function`, which
-asks the active *kernel provider*.  The default provider compiles with CuPy;
-the test suite swaps in a provider that compiles the same ``.cu`` files with
-the host C++ compiler (``tests/cpu_cuda``), so the package's own launch code
-runs unchanged on NumPy buffers.
+Launch code never talks to CuPy directly: every launch goes through
+:func:`launch`, which asks the active *kernel provider* for the kernel
+(:func:`get_function`) and runs it on blocks of :data:`THREADS` threads.
+The default provider compiles with CuPy; the test suite swaps in a provider
+that compiles the same ``.cu`` files with the host C++ compiler
+(``tests/cpu_cuda``), so the package's own launch code runs unchanged on
+NumPy buffers.
 """
 
 import contextlib
@@ -20,12 +22,12 @@ import pathlib
 import numpy
 
 __all__ = [
-    "FAMILIES", "KernelCompileError", "accumulator_dtype", "c_type", "cuda_source_dir",
-    "divisor32", "get_function",
+    "FAMILIES", "THREADS", "KernelCompileError", "accumulator_dtype", "c_type",
+    "ceil_div", "cuda_source_dir", "divisor32", "get_function", "launch",
 ]
 
 #: Integer types that move an element of a given byte size.  Kernels that only
-#: copy elements (dilate) are instantiated per size, not per dtype.
+#: copy elements (dilation's) are instantiated per size, not per dtype.
 COPY_TYPES = {
     1: "unsigned char",
     2: "unsigned short",
@@ -67,24 +69,34 @@ def accumulator_dtype(dtype):
     return numpy.dtype(numpy.float32 if dtype == numpy.float16 else dtype)
 
 
-#: family -> every name expression the package may launch from cuda/<family>.cu.
+#: Threads per block of every launch (:func:`launch`).
+THREADS = 256
+
+
+def ceil_div(a, b):
+    """``ceil(a / b)`` of ints, ``b > 0``, exactly (no float rounding)."""
+    return -(-a // b)
+
+
+def _expressions(family, kernels, types):
+    return tuple(f"cupyconv::{family}::{kernel}<{t}>" for kernel in kernels for t in types)
+
+
+#: family -> every name expression the package may launch from cuda/<family>.cu:
+#: kernel ``<family>_<direction>_<variant>`` in namespace ``cupyconv::<family>``.
 #: The CPU executor's tests and the nvcc warning check instantiate exactly these.
 FAMILIES = {
-    "dilate": tuple(f"dilate_gather<{t}>" for t in COPY_TYPES.values()),
-    "conv2d": tuple(
-        f"{kernel}<{t}>"
-        for kernel in ("conv2d_forward_igemm", "conv2d_input_grad_igemm",
-                       "conv2d_input_grad_gather", "conv2d_weight_grad_igemm",
-                       "conv2d_weight_grad_reduce")
-        for t in FLOAT_TYPES.values()
-    ),
-    "maxpool": tuple(
-        f"{kernel}<{t}>" for kernel in ("maxpool2x1_fwd", "maxpool_fwd")
-        for t in POOL_TYPES.values()
-    ) + tuple(
-        f"{kernel}<{t}>" for kernel in ("maxpool2x1_bwd", "maxpool_bwd")
-        for t in FLOAT_TYPES.values()
-    ),
+    "dilation": _expressions("dilation", ("dilation_forward_gather",), COPY_TYPES.values()),
+    "convolution": _expressions(
+        "convolution",
+        ("convolution_forward_igemm", "convolution_input_grad_igemm",
+         "convolution_input_grad_gather", "convolution_weight_grad_igemm",
+         "convolution_weight_grad_reduce"),
+        FLOAT_TYPES.values()),
+    "pooling": _expressions(
+        "pooling", ("pooling_forward_2x1", "pooling_forward_window"), POOL_TYPES.values())
+    + _expressions(
+        "pooling", ("pooling_backward_2x1", "pooling_backward_window"), FLOAT_TYPES.values()),
 }
 
 #: Options every module is compiled with (the include path is added per call).
@@ -188,6 +200,15 @@ def get_function(family, name):
     return _provider.get_function(source, expressions, name, options)
 
 
+def launch(family, kernel, type_name, grid, args):
+    """Launch ``cupyconv::<family>::<kernel><type_name>`` from
+    ``cuda/<family>.cu`` on ``grid`` (a tuple of block counts) of
+    :data:`THREADS` threads each; ``args`` as for :func:`get_function`.
+    Every kernel of the package is launched through here."""
+    get_function(family, f"cupyconv::{family}::{kernel}<{type_name}>")(
+        grid, (THREADS,), args)
+
+
 @functools.lru_cache(maxsize=None)
 def _family_inputs(family):
     """``(source path, name expressions, compile options)`` of a family."""
@@ -245,10 +266,11 @@ def divisor32(d):
     return ((1 << 32) * ((1 << shift) - d)) // d + 1, shift
 
 
-def grid_for(n, threads=256, max_blocks=8192):
-    """Blocks for a grid-stride loop over ``n`` items (at least one block).
+def grid_for(n, max_blocks=8192):
+    """Blocks of :data:`THREADS` for a grid-stride loop over ``n`` items (at
+    least one block).
 
-    ``max_blocks * threads`` covers every SM of current GPUs many times over;
+    ``max_blocks * THREADS`` covers every SM of current GPUs many times over;
     larger ``n`` is handled by the grid-stride loop, never by a larger grid.
     """
-    return (max(1, min(max_blocks, -(-n // threads))),)
+    return (max(1, min(max_blocks, ceil_div(n, THREADS))),)

@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import functools
 import glob
+import math
 import os
 import threading
 
@@ -131,6 +132,33 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class Scratch:
+    """One thread's arrays for one call, kept across the blocks it takes:
+    fresh memory for every block would cost a page fault per 4 KiB.  Every
+    op's NumPy path hands one to each thread (:func:`for_each_block`,
+    :func:`for_each_share_with_scratch`)."""
+
+    def __init__(self):
+        self._arrays = {}
+
+    def get(self, name, shape, dtype):
+        """Array ``name`` of ``shape`` and ``dtype``, uninitialised: a view of
+        a buffer that grows as needed and is reused by later asks."""
+        size = math.prod(shape)
+        flat = self._arrays.get(name)
+        if flat is None or flat.size < size or flat.dtype != dtype:
+            flat = self._arrays[name] = numpy.empty(size, dtype)
+        return flat[:size].reshape(shape)
+
+    def zeros(self, name, shape, dtype):
+        """Array ``name`` of ``shape`` and ``dtype``, zero-filled when first
+        asked for and kept as it is after: a running sum over the blocks."""
+        array = self._arrays.get(name)
+        if array is None:
+            array = self._arrays[name] = numpy.zeros(shape, dtype)
+        return array
+
+
 def for_each_share(function, items):
     """Call ``function(share)`` on up to :data:`CPUS` interleaved shares of
     the list ``items`` (share ``i`` holds items ``i, i + CPUS, ...``), the
@@ -155,6 +183,18 @@ def ranges(count, nbytes):
     return list(zip(bounds, bounds[1:]))
 
 
+def for_each_share_with_scratch(work, items):
+    """Call ``work(item, scratch)`` for every item of the list ``items``,
+    shared among the cores as :func:`for_each_share` does, each thread with
+    its own :class:`Scratch`."""
+    def run(share):
+        scratch = Scratch()
+        for item in share:
+            work(item, scratch)
+
+    for_each_share(run, items)
+
+
 def for_each_range(function, count, nbytes):
     """Call ``function(lo, hi)`` for each of the :func:`ranges` of ``count``
     items (work touching ``nbytes``), shared among the cores as
@@ -176,9 +216,10 @@ def copyto(dst, src):
                    dst.shape[0], dst.nbytes)
 
 
-def for_each_block(work, blocks, scratch=dict, *, fixed_shares=False):
+def for_each_block(work, blocks, scratch=Scratch, *, fixed_shares=False):
     """Call ``work(block, state)`` for every item of the list ``blocks`` and
-    return the list of the ``state`` objects used, one per thread in order.
+    return the list of the ``state`` objects used, one per thread in order
+    (by default a :class:`Scratch`).
 
     Where :func:`blas_threads_limited`, up to :data:`CPUS` threads (the
     calling one first, then the pool's) each make ``state = scratch()`` and

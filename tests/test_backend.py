@@ -92,7 +92,7 @@ def test_every_family_has_its_source():
 
 def test_unknown_kernel_name_is_rejected():
     with pytest.raises(KeyError, match="not declared"):
-        _kernels.get_function("dilate", "dilate_gather<float>")
+        _kernels.get_function("dilation", "dilation_forward_gather<float>")
 
 
 def test_main_prints_backend_and_self_check():
@@ -108,11 +108,11 @@ def test_compile_error_names_the_file_and_carries_the_log(monkeypatch, fake_cupy
 
     class CompileException(Exception):
         def get_message(self):
-            return "dilate.cu(12): error: expected a ';'"
+            return "dilation.cu(12): error: expected a ';'"
 
     class RawModule:
         def __init__(self, code, options, name_expressions):
-            assert "dilate_gather" in code and "-std=c++17" in options
+            assert "dilation_forward_gather" in code and "-std=c++17" in options
             assert any(o.startswith("-I") for o in options)
 
         def compile(self):
@@ -123,8 +123,8 @@ def test_compile_error_names_the_file_and_carries_the_log(monkeypatch, fake_cupy
         compiler=types.SimpleNamespace(CompileException=CompileException),
         runtime=types.SimpleNamespace(getDevice=lambda: 0))
     with _kernels.use_provider(_kernels.CupyProvider()):
-        with pytest.raises(cc.KernelCompileError, match=r"dilate\.cu failed:\n.*expected a ';'"):
-            _kernels.get_function("dilate", _kernels.FAMILIES["dilate"][0])
+        with pytest.raises(cc.KernelCompileError, match=r"dilation\.cu failed:\n.*expected a ';'"):
+            _kernels.get_function("dilation", _kernels.FAMILIES["dilation"][0])
 
 
 def test_modules_compile_once_per_source_options_and_device(fake_cupy):
@@ -146,12 +146,12 @@ def test_modules_compile_once_per_source_options_and_device(fake_cupy):
     fake_cupy.cuda = types.SimpleNamespace(
         compiler=types.SimpleNamespace(CompileException=RuntimeError),
         runtime=types.SimpleNamespace(getDevice=lambda: device[0]))
-    names = _kernels.FAMILIES["dilate"]
+    names = _kernels.FAMILIES["dilation"]
     with _kernels.use_provider(_kernels.CupyProvider()):
         assert built == []
-        assert _kernels.get_function("dilate", names[0]) == names[0]
-        assert _kernels.get_function("dilate", names[1]) == names[1]
+        assert _kernels.get_function("dilation", names[0]) == names[0]
+        assert _kernels.get_function("dilation", names[1]) == names[1]
         assert len(built) == 1
         device[0] = 1
-        _kernels.get_function("dilate", names[0])
+        _kernels.get_function("dilation", names[0])
         assert len(built) == 2

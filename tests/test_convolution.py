@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import cupyconv as cc
-from cupyconv import _parallel, convolution
+from cupyconv import _parallel
+from cupyconv.convolution import _cpu as conv_cpu, _geometry as conv_geometry
 
 
 # --- independent reference --------------------------------------------------
@@ -143,7 +144,7 @@ def gather_order(request, monkeypatch):
     """Run the NumPy path with every gathered matrix in one memory order
     (normally chosen by channels per group)."""
     limit = 10**9 if request.param == "tap-major" else -1
-    monkeypatch.setattr(convolution, "_TAP_MAJOR_MAX_CHANNELS", limit)
+    monkeypatch.setattr(conv_cpu, "_TAP_MAJOR_MAX_CHANNELS", limit)
     return request.param
 
 
@@ -184,11 +185,11 @@ def test_blocking(monkeypatch, block_elements, layout, threads, gather_order):
     whole = (cc.conv2d(xl, wl, bias, **kwargs),
              cc.conv2d_input(xl.shape, wl, gl, **kwargs),
              cc.conv2d_weight(xl, wl.shape, gl, **kwargs))
-    monkeypatch.setattr(convolution, "_BLOCK_ELEMENTS", block_elements)
-    monkeypatch.setattr(convolution, "_MIN_SHARED_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(conv_cpu, "_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(conv_cpu, "_MIN_SHARED_BLOCK_ELEMENTS", 1)
     monkeypatch.setattr(_parallel, "CPUS", threads)
     monkeypatch.setattr(_parallel, "blas_threads_limited", lambda: threads > 1)
-    assert len(convolution._blocks(cc._args.conv2d_geometry(
+    assert len(conv_cpu._blocks(conv_geometry.conv2d_geometry(
         xl.shape, wl.shape, case.stride, case.padding, case.dilation,
         case.groups, layout))) > 1
     blocked = (cc.conv2d(xl, wl, bias, **kwargs),
@@ -201,16 +202,16 @@ def test_blocking(monkeypatch, block_elements, layout, threads, gather_order):
 def test_weight_grad_is_the_same_on_every_run(monkeypatch):
     """Blocks shared among threads still sum the weight gradient in one
     order: repeated calls agree bit for bit."""
-    monkeypatch.setattr(convolution, "_BLOCK_ELEMENTS", 300)
-    monkeypatch.setattr(convolution, "_MIN_SHARED_BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(conv_cpu, "_BLOCK_ELEMENTS", 300)
+    monkeypatch.setattr(conv_cpu, "_MIN_SHARED_BLOCK_ELEMENTS", 1)
     monkeypatch.setattr(_parallel, "CPUS", 3)
     monkeypatch.setattr(_parallel, "blas_threads_limited", lambda: True)
-    gather, delays = convolution._im2col, np.random.default_rng(6)
+    gather, delays = conv_cpu._im2col, np.random.default_rng(6)
 
     def uneven_gather(*args):  # threads finish blocks in a different order each time
         time.sleep(delays.uniform(0, 2e-3))
         gather(*args)
-    monkeypatch.setattr(convolution, "_im2col", uneven_gather)
+    monkeypatch.setattr(conv_cpu, "_im2col", uneven_gather)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((16, 9, 7, 3), dtype=np.float32)
     g = rng.standard_normal((16, 9, 7, 4), dtype=np.float32)
@@ -223,7 +224,7 @@ def test_weight_grad_is_the_same_on_every_run(monkeypatch):
 def test_short_reductions_run_in_row_chunks(monkeypatch, layout):
     """Products with a short reduction run as stacks of row chunks, with the
     rows left over in a product of their own: same results."""
-    monkeypatch.setattr(convolution, "_CHUNK_OUTPUT_BYTES", 4 * 6 * 8)  # 4 float64 rows
+    monkeypatch.setattr(conv_cpu, "_CHUNK_OUTPUT_BYTES", 4 * 6 * 8)  # 4 float64 rows
     calls = []
     matmul = np.matmul
 
@@ -231,13 +232,13 @@ def test_short_reductions_run_in_row_chunks(monkeypatch, layout):
         calls.append(a.ndim)
         return matmul(a, b, **kw)
 
-    monkeypatch.setattr(convolution.numpy, "matmul", counting)
+    monkeypatch.setattr(conv_cpu.numpy, "matmul", counting)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 7, 5, 1))  # NHWC: 2*7*5 = 70 rows, 17 chunks + 2
     w = rng.standard_normal((3, 3, 1, 6))
     xl, wl = to_layout(x, w, layout)
     got = cc.conv2d(xl, wl, padding=1, layout=layout)
-    monkeypatch.setattr(convolution.numpy, "matmul", matmul)
+    monkeypatch.setattr(conv_cpu.numpy, "matmul", matmul)
     assert max(calls) == 4  # a stack of chunks was multiplied
     want = reference(x, w, None, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)[0]
     np.testing.assert_allclose(from_layout(got, layout), want, rtol=1e-12, atol=1e-12)
@@ -246,10 +247,10 @@ def test_short_reductions_run_in_row_chunks(monkeypatch, layout):
 def test_blocks_split_work_among_cores(monkeypatch):
     """A batch that fits one block is still cut into several per core."""
     monkeypatch.setattr(_parallel, "CPUS", 2)
-    geom = cc._args.conv2d_geometry((128, 32, 15, 1), (5, 3, 1, 64), 1, (2, 1),
+    geom = conv_geometry.conv2d_geometry((128, 32, 15, 1), (5, 3, 1, 64), 1, (2, 1),
                                     1, 1, "NHWC")
-    blocks = convolution._blocks(geom)
-    assert len(blocks) >= 2 * convolution._BLOCKS_PER_CORE
+    blocks = conv_cpu._blocks(geom)
+    assert len(blocks) >= 2 * conv_cpu._BLOCKS_PER_CORE
     covered = [n for (n0, n1), rows in blocks for n in range(n0, n1)]
     assert covered == list(range(128))
 

@@ -1,4 +1,4 @@
-"""The conv2d kernels (cuda/conv2d.cu through cupyconv/_conv2d_cuda.py)
+"""The conv2d kernels (cuda/convolution.cu through cupyconv/convolution/_cuda.py)
 against a float64 reference that loops over kernel taps.
 
 On this machine the kernels run on NumPy buffers through the CPU executor
@@ -12,7 +12,8 @@ import pytest
 
 import cupyconv
 import cpu_cuda
-from cupyconv import _conv2d_cuda, _kernels
+from cupyconv import _kernels
+from cupyconv.convolution import _cuda as conv_cuda, _geometry as conv_geometry
 
 # ---- float64 reference --------------------------------------------------------
 
@@ -122,7 +123,7 @@ def reference_weight_grad(x, grad_out, weight_shape, stride, padding, dilation,
 
 class Case:
     """One convolution: shapes in NHWC terms, parameters normalised as
-    convolution.py hands them to the launch code."""
+    cupyconv.convolution hands them to the launch code."""
 
     def __init__(self, n, h, w, c_in, c_out, kernel, stride=(1, 1),
                  padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1,
@@ -161,8 +162,8 @@ class Case:
 
     @property
     def geom(self):
-        """The ConvGeometry convolution.py hands to the launch code."""
-        return cupyconv._args.conv2d_geometry(self.x_shape, self.w_shape, *self.params())
+        """The ConvGeometry cupyconv.convolution hands to the launch code."""
+        return conv_geometry.conv2d_geometry(self.x_shape, self.w_shape, *self.params())
 
     def arrays(self, seed=0):
         rng = np.random.default_rng(seed)
@@ -221,12 +222,12 @@ def assert_close(actual, expected, dtype):
 def run_case(case, x, w, bias, grad_out):
     """The three launch functions on one case, each against the reference."""
     params = case.params()
-    y = _conv2d_cuda.conv2d_forward(x, w, bias, case.geom)
+    y = conv_cuda.forward(x, w, bias, case.geom)
     assert_close(y, reference_forward(x, w, bias, *params), case.dtype)
-    grad_x = _conv2d_cuda.conv2d_input_grad(w, grad_out, case.geom)
+    grad_x = conv_cuda.input_grad(w, grad_out, case.geom)
     assert_close(grad_x, reference_input_grad(w, grad_out, x.shape, *params),
                  case.dtype)
-    grad_w = _conv2d_cuda.conv2d_weight_grad(x, grad_out, case.geom)
+    grad_w = conv_cuda.weight_grad(x, grad_out, case.geom)
     assert_close(grad_w, reference_weight_grad(x, grad_out, w.shape, *params),
                  case.dtype)
     return y, grad_x, grad_w
@@ -274,7 +275,7 @@ INPUT_GRAD_ROUTES = {"gemm": 0, "taps": 2**62}
 def input_grad_route(request, monkeypatch):
     """Every case through the implicit GEMM and through the taps (a matrix
     product and the gather kernel)."""
-    monkeypatch.setattr(_conv2d_cuda, "_BY_TAPS_CHANNELS", INPUT_GRAD_ROUTES[request.param])
+    monkeypatch.setattr(conv_cuda, "_BY_TAPS_CHANNELS", INPUT_GRAD_ROUTES[request.param])
     return request.param
 
 
@@ -288,12 +289,12 @@ def test_input_grad_by_taps_is_chosen_for_few_channels(cpu_kernels, monkeypatch)
     real = _kernels.get_function
     monkeypatch.setattr(_kernels, "get_function",
                         lambda family, name: launched.append(name) or real(family, name))
-    for c_in, kernel in ((4, "conv2d_input_grad_gather<float>"),
-                         (5, "conv2d_input_grad_igemm<float>")):
+    for c_in, kernel in ((4, "cupyconv::convolution::convolution_input_grad_gather<float>"),
+                         (5, "cupyconv::convolution::convolution_input_grad_igemm<float>")):
         case = Case(1, 6, 5, c_in, 3, (3, 3), padding=((1, 1), (1, 1)), dtype=np.float32)
         _, w, _, grad_out = case.arrays()
         launched.clear()
-        grad_x = _conv2d_cuda.conv2d_input_grad(w, grad_out, case.geom)
+        grad_x = conv_cuda.input_grad(w, grad_out, case.geom)
         assert launched == [kernel]
         assert_close(grad_x, reference_input_grad(w, grad_out, case.x_shape, *case.params()),
                      case.dtype)
@@ -318,11 +319,11 @@ def test_input_grad_by_taps_in_parts(cpu_kernels, monkeypatch, images_per_part):
                       layout="NCHW", dtype=np.float16)):
         (oh, ow), (kh, kw) = case.out_hw, case.kernel
         per_image = oh * ow * kh * kw * case.c_in * 4  # float32 contributions
-        monkeypatch.setattr(_conv2d_cuda, "_BY_TAPS_WORKSPACE_BYTES",
+        monkeypatch.setattr(conv_cuda, "_BY_TAPS_WORKSPACE_BYTES",
                             images_per_part * per_image)
         _, w, _, grad_out = case.arrays()
         launches.clear()
-        grad_x = _conv2d_cuda.conv2d_input_grad(w, grad_out, case.geom)
+        grad_x = conv_cuda.input_grad(w, grad_out, case.geom)
         assert len(launches) == -(-case.n // images_per_part)
         assert_close(grad_x, reference_input_grad(w, grad_out, case.x_shape, *case.params()),
                      case.dtype)
@@ -331,7 +332,7 @@ def test_input_grad_by_taps_in_parts(cpu_kernels, monkeypatch, images_per_part):
 def test_unread_input_pixels_get_zero_gradient(cpu_kernels, input_grad_route):
     case = KERNEL_CASES[5]
     x, w, bias, grad_out = case.arrays()
-    grad_x = _conv2d_cuda.conv2d_input_grad(w, grad_out, case.geom)
+    grad_x = conv_cuda.input_grad(w, grad_out, case.geom)
     for unread in (np.s_[:, :, 2:5], np.s_[:, :, 7:10], np.s_[:, :, 12:],
                    np.s_[:, :, :, 2:5], np.s_[:, :, :, 7:]):
         assert np.all(grad_x[unread] == 0)
@@ -343,11 +344,11 @@ def test_weight_grad_split_reduction(cpu_kernels):
     case = Case(3, 9, 8, 2, 3, (3, 3), padding=((1, 0), (0, 1)),
                 dtype=np.float32)
     oh, ow = case.out_hw
-    splits, _ = _conv2d_cuda._weight_grad_splits(
+    splits, _ = conv_cuda._weight_grad_splits(
         9 * case.c_in, case.c_out, 1, case.n * oh * ow)
     assert splits > 1
     x, _, _, grad_out = case.arrays()
-    grad_w = _conv2d_cuda.conv2d_weight_grad(x, grad_out, case.geom)
+    grad_w = conv_cuda.weight_grad(x, grad_out, case.geom)
     assert_close(grad_w, reference_weight_grad(x, grad_out, case.w_shape,
                                                *case.params()), case.dtype)
 
@@ -401,7 +402,7 @@ def test_empty_sizes(cpu_kernels):
 
 def _conv2d_launches():
     return sum(count for (source, _), count in cpu_cuda.LAUNCHED.items()
-               if source == "conv2d.cu")
+               if source == "convolution.cu")
 
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
@@ -453,8 +454,8 @@ def test_a_stride_longer_than_the_input(cpu_kernels, stride):
 
 def test_grid_too_large_is_a_value_error():
     with pytest.raises(ValueError, match="thread blocks"):
-        _conv2d_cuda._launch_gemm("conv2d_forward_igemm", np.dtype(np.float32),
-                                  2**40, 64, 1, 1, ())
+        conv_cuda._launch_gemm("convolution_forward_igemm", np.dtype(np.float32),
+                               2**40, 64, 1, 1, ())
 
 
 # ---- GPU: CuPy against the NumPy path at realistic sizes ------------------------

@@ -1,4 +1,4 @@
-"""cuda/dilate.cu through the CPU executor, bit for bit against the NumPy path.
+"""cuda/dilation.cu through the CPU executor, bit for bit against the NumPy path.
 
 Also home of two suite-wide checks: every kernel in cuda/*.cu is launched by
 some CPU-executed test (run last), and the CPU-executed tests pass again
@@ -18,7 +18,7 @@ import pytest
 import cupyconv as cc
 import cpu_cuda
 from cupyconv import _kernels
-from cupyconv import dilation as dilation_module
+from cupyconv.dilation import _cuda as dilation_cuda
 
 from conftest import FULL_SUITE, TESTS_DIR
 
@@ -132,7 +132,7 @@ def test_many_axes(cpu_kernels, monkeypatch, limit):
     monkeypatch.setattr(_kernels, "FAST_INDEX_LIMIT", limit)
     a = random_array((2, 3, 2, 3, 2, 3), np.int16, seed=6)[..., ::-1]
     axes, d = (0, 1, 2, 3, 4), (1, 0, 2, 1, 3)
-    assert len(dilation_module._merged_axes(
+    assert len(dilation_cuda._merged_axes(
         a.shape, a.shape, (2, 1, 3, 2, 4, 1), a.strides)) == 6
     assert_same_bits(cc.dilate(a, axes, d), numpy_path(cc.dilate, a, axes, d))
     assert_same_bits(cc.undilate(a, axes, d), numpy_path(cc.undilate, a, axes, d))
@@ -141,15 +141,15 @@ def test_many_axes(cpu_kernels, monkeypatch, limit):
 def test_gather_merges_axes_and_moves_wide_words():
     # NHWC float32, 16 channels, dilated along H and W: the channels move as
     # four 16-byte words and the batch axis stays, the length-1 axis goes.
-    axes = dilation_module._merged_axes((8, 1, 31, 31, 16), (8, 1, 16, 16, 16), (1, 1, 2, 2, 1),
+    axes = dilation_cuda._merged_axes((8, 1, 31, 31, 16), (8, 1, 16, 16, 16), (1, 1, 2, 2, 1),
                                  (16384, 16384, 1024, 64, 4))
     assert axes == [(8, 8, 1, 16384), (31, 16, 2, 1024), (31, 16, 2, 64), (16, 16, 1, 4)]
-    assert dilation_module._in_units(axes, 4, 4096) == (16, axes[:3] + [(4, 4, 1, 16)])
+    assert dilation_cuda._in_units(axes, 4, 4096) == (16, axes[:3] + [(4, 4, 1, 16)])
     # Contiguous axes not dilated merge into one; a misaligned address
     # narrows the words, down to parts of one element.
-    assert dilation_module._merged_axes((4, 5, 6), (4, 5, 6), (1, 1, 1), (240, 48, 8)) == [(120, 120, 1, 8)]
-    assert dilation_module._in_units([(120, 120, 1, 8)], 8, 4100) == (4, [(240, 240, 1, 4)])
-    assert dilation_module._in_units([(9, 5, 2, 16)], 8, 4098) == (2, [(9, 5, 2, 16), (4, 4, 1, 2)])
+    assert dilation_cuda._merged_axes((4, 5, 6), (4, 5, 6), (1, 1, 1), (240, 48, 8)) == [(120, 120, 1, 8)]
+    assert dilation_cuda._in_units([(120, 120, 1, 8)], 8, 4100) == (4, [(240, 240, 1, 4)])
+    assert dilation_cuda._in_units([(9, 5, 2, 16)], 8, 4098) == (2, [(9, 5, 2, 16), (4, 4, 1, 2)])
 
 
 def test_axis_table_is_made_once_per_geometry(cpu_kernels):
@@ -157,10 +157,10 @@ def test_axis_table_is_made_once_per_geometry(cpu_kernels):
     would be a host-to-device copy that waits for the queue to drain."""
     a = random_array((4, 6, 8), np.float32, seed=8)
     cc.dilate(a, (0, 1), 1)
-    before = dilation_module._axis_table.cache_info()
+    before = dilation_cuda._axis_table.cache_info()
     for _ in range(3):
         cc.dilate(a, (0, 1), 1)
-    after = dilation_module._axis_table.cache_info()
+    after = dilation_cuda._axis_table.cache_info()
     assert after.hits == before.hits + 3 and after.misses == before.misses
 
 
@@ -217,7 +217,7 @@ def kernel_name(expression):
 
 
 def test_global_kernels_are_found():
-    assert "dilate_gather" in global_kernels()["dilate.cu"]
+    assert "dilation_forward_gather" in global_kernels()["dilation.cu"]
 
 
 def never_launched(launched):
@@ -236,11 +236,12 @@ def never_launched(launched):
 
 
 def test_coverage_check_reports_what_was_not_launched():
-    missing = never_launched({("dilate.cu", "dilate_gather<unsigned char>")})
-    assert "dilate.cu: dilate_gather<unsigned short>" in missing
-    assert "dilate.cu: dilate_gather<unsigned char>" not in missing
-    assert not any("__global__ dilate_gather" in line for line in missing)
-    assert "dilate.cu: __global__ dilate_gather (no name expression launches it)" in (
+    gather = "cupyconv::dilation::dilation_forward_gather"
+    missing = never_launched({("dilation.cu", f"{gather}<unsigned char>")})
+    assert f"dilation.cu: {gather}<unsigned short>" in missing
+    assert f"dilation.cu: {gather}<unsigned char>" not in missing
+    assert not any("__global__ dilation_forward_gather" in line for line in missing)
+    assert "dilation.cu: __global__ dilation_forward_gather (no name expression launches it)" in (
         never_launched(set()))
 
 

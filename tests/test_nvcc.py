@@ -55,14 +55,14 @@ def test_pool_comparisons_are_exact_under_flush_to_zero(tmp_path):
     """CuPy compiles every kernel with -ftz=true, under which a float32
     comparison sees subnormals as zero.  The pool kernels compare floats
     through their bit patterns instead: the PTX holds no flushing compare."""
-    unit = _instances("maxpool", tmp_path)
-    ptx = tmp_path / "maxpool.ptx"
+    unit = _instances("pooling", tmp_path)
+    ptx = tmp_path / "pooling.ptx"
     command = [NVCC, "-std=c++17", "-ptx", "-ftz=true", "-arch=sm_80",
                f"-I{_kernels.cuda_source_dir()}", str(unit), "-o", str(ptx)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     text = ptx.read_text()
-    assert "maxpool2x1_fwd" in text and "maxpool_fwd" in text
+    assert "pooling_forward_2x1" in text and "pooling_forward_window" in text
     flushing = [line.strip() for line in text.splitlines()
                 if line.strip().startswith("setp.") and ".ftz." in line]
     assert flushing == []

@@ -1,5 +1,5 @@
 """max_pool2d / max_pool2d_backward against a plain loop reference and PyTorch,
-and the CUDA kernels (cuda/maxpool.cu) against the NumPy path.
+and the CUDA kernels (cuda/pooling.cu) against the NumPy path.
 
 The pick rule under test everywhere: a window picks its first maximum in
 row-major window order; a NaN beats every number, and of several NaNs the
@@ -19,7 +19,8 @@ import pytest
 
 import cupyconv as cc
 import cpu_cuda
-from cupyconv import _backend, _fused, _kernels, pooling
+from cupyconv import _backend, _kernels
+from cupyconv.pooling import _cpu as pool_cpu, _fused, _geometry as pool_geometry
 
 INT_DTYPES = [np.int8, np.int16, np.int32, np.int64,
               np.uint8, np.uint16, np.uint32, np.uint64]
@@ -216,15 +217,16 @@ def test_2x1_in_blocks(monkeypatch, block_bytes, in_place_row_bytes, cpu_loops):
     ceil_mode must not take in the odd last row.  The backward runs on these
     short rows both through buffers and in place (threshold 0; NCHW rows
     shorter than NumPy's smallest buffer)."""
-    monkeypatch.setattr(pooling, "_BLOCK_BYTES", block_bytes)
-    monkeypatch.setattr(pooling, "_IN_PLACE_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(pool_cpu, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(pool_cpu, "_IN_PLACE_BLOCK_BYTES", block_bytes)
     if in_place_row_bytes is not None:
-        monkeypatch.setattr(pooling, "_IN_PLACE_ROW_BYTES", in_place_row_bytes)
+        monkeypatch.setattr(pool_cpu, "_IN_PLACE_ROW_BYTES", in_place_row_bytes)
     rng = np.random.default_rng(block_bytes)
     x = make_input(rng, (5, 4, 9, 5), np.float32, "nan")
-    pool = pooling._normalize(to_layout(x, "NHWC"), (2, 1), None, 0, 1, False, "NHWC")
-    assert len(pooling._blocks(pool, 4)) > 2
-    assert len(pooling._blocks(pool, 4, pooling._in_place_block_bytes(pool, 4))) > 2
+    pool = pool_geometry.pool_geometry(to_layout(x, "NHWC").shape, (2, 1), None, 0, 1, False,
+                                      "NHWC")
+    assert len(pool_cpu._pair_blocks(pool, 4)) > 2
+    assert len(pool_cpu._pair_blocks(pool, 4, pool_cpu._in_place_block_bytes(pool, 4))) > 2
     for ceil_mode in (False, True):
         config = ((2, 1), None, 0, 1, ceil_mode, None)
         want, want_at = reference_pool(x, *config[:5])
@@ -251,17 +253,17 @@ def test_2x1_backward_in_place_rows(monkeypatch, layout, shape, dtype, cpu_loops
     given (some outside their window).  Each window's gradient (NaN, inf,
     -0.0 included) lands bit for bit on its pick, everything else is +0."""
     shape_in = to_layout(np.empty(shape), layout).shape
-    pool = pooling._normalize(np.empty(shape_in), (2, 1), None, 0, 1, False, layout)
+    pool = pool_geometry.pool_geometry(shape_in, (2, 1), None, 0, 1, False, layout)
     itemsize = np.dtype(dtype).itemsize
-    assert pool.rows()[1] * itemsize >= pooling._IN_PLACE_ROW_BYTES
+    assert pool.rows()[1] * itemsize >= pool_cpu._IN_PLACE_ROW_BYTES
     rng = np.random.default_rng(list(shape) + [itemsize])
     x = make_input(rng, shape, dtype, "nan")
     n, c, h, w = shape
     for ceil_mode, block_bytes in itertools.product(
             (False, True), (None, 3 * pool.rows()[1] * itemsize)):
         if block_bytes:  # runs of one window row
-            monkeypatch.setattr(pooling, "_BLOCK_BYTES", block_bytes)
-            monkeypatch.setattr(pooling, "_IN_PLACE_BLOCK_BYTES", block_bytes)
+            monkeypatch.setattr(pool_cpu, "_BLOCK_BYTES", block_bytes)
+            monkeypatch.setattr(pool_cpu, "_IN_PLACE_BLOCK_BYTES", block_bytes)
         config = ((2, 1), None, 0, 1, ceil_mode, None)
         want_out, at = reference_pool(x, *config[:5])
         np.testing.assert_array_equal(pool_fn(x, layout, config), want_out)
@@ -288,12 +290,12 @@ def test_2x1_backward_fused_in_window_ranges(monkeypatch, layout, dtype):
     ties, NaNs, an odd H with and without ceil_mode, picks recomputed or
     given (some outside their window)."""
     pytest.importorskip("numba")
-    monkeypatch.setattr(pooling._parallel, "CPUS", 3)
+    monkeypatch.setattr(pool_cpu._parallel, "CPUS", 3)
     rng = np.random.default_rng(list(layout.encode()) + [np.dtype(dtype).itemsize])
     shape = (3, 8, 45, 257)  # NCHW, 1.1 MB in float32
     x = make_input(rng, shape, dtype, "nan")
-    pool = pooling._normalize(x, (2, 1), None, 0, 1, False, "NCHW")
-    assert len(pooling._parallel.ranges(pool.n * pool.c * (pool.h // 2), x.nbytes)) == 3
+    pool = pool_geometry.pool_geometry(x.shape, (2, 1), None, 0, 1, False, "NCHW")
+    assert len(pool_cpu._parallel.ranges(pool.n * pool.c * (pool.h // 2), x.nbytes)) == 3
     for ceil_mode in (False, True):
         config = ((2, 1), None, 0, 1, ceil_mode, None)
         _, at = pool_fn(x, layout, config, return_indices=True)
@@ -319,8 +321,8 @@ def test_fused_loops_of_any_window_match_numpy(monkeypatch, by):
     window, some outside the image)."""
     pytest.importorskip("numba")
     threshold = 1 if by == "pixels" else 2**62
-    monkeypatch.setattr(pooling, "_FUSED_FORWARD_PIXELS", threshold)
-    monkeypatch.setattr(pooling, "_FUSED_BACKWARD_PIXELS", threshold)
+    monkeypatch.setattr(pool_cpu, "_FUSED_FORWARD_PIXELS", threshold)
+    monkeypatch.setattr(pool_cpu, "_FUSED_BACKWARD_PIXELS", threshold)
     rng = np.random.default_rng(len(by))
     for config, kind, layout, dtype in itertools.product(
             CONFIGS, KINDS, ("NHWC", "NCHW"), (np.float32, np.float64, np.int32)):

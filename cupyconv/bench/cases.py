@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import numpy
 
 import cupyconv
-from cupyconv import _fused
+from cupyconv.pooling import _fused
 
 from . import peers
 

@@ -14,7 +14,7 @@ import time
 import numpy
 
 import cupyconv
-from cupyconv import _fused
+from cupyconv.pooling import _fused
 
 from . import cases as cases_mod
 from . import timing

@@ -1,7 +1,7 @@
-"""GPU launch code of conv2d and its two gradients (``cuda/conv2d.cu``).
+"""GPU launch code of conv2d and its two gradients (``cuda/convolution.cu``).
 
 :mod:`cupyconv.convolution` calls these with validated arrays of one float
-dtype and the convolution's :class:`cupyconv._args.ConvGeometry` (sizes,
+dtype and the convolution's :class:`._geometry.ConvGeometry` (sizes,
 ``(h, w)`` pairs, explicit padding ``((top, bottom), (left, right))`` and
 layout: ``"NHWC"`` with x ``(N, H, W, C_in)`` and w ``(kh, kw, C_in/groups,
 C_out)``, or ``"NCHW"`` with x ``(N, C_in, H, W)`` and w ``(C_out,
@@ -21,13 +21,12 @@ import math
 
 import numpy
 
-from . import _backend, _kernels
+from .. import _backend, _kernels
 
-# Must match conv2d.cu: a block computes a _TILE x _TILE tile of the GEMM
-# with _THREADS threads, reducing _SLICE at a time.
+# Must match convolution.cu: a block computes a _TILE x _TILE tile of the
+# GEMM with _kernels.THREADS threads, reducing _SLICE at a time.
 _TILE = 64
 _SLICE = 16
-_THREADS = 256
 _MAX_BLOCKS = 2**31 - 1  # gridDim.x
 
 # Input gradients with at most this many input channels per group (a first
@@ -55,7 +54,7 @@ _ACTIVATION_AXES = {"NHWC": (0, 1, 2, 3), "NCHW": (0, 2, 3, 1)}
 _WEIGHT_AXES = {"NHWC": (0, 1, 2, 3), "NCHW": (2, 3, 1, 0)}
 
 
-def conv2d_forward(x, w, bias, geom):
+def forward(x, w, bias, geom):
     """``y = conv2d(x, w) + bias`` as an array of shape ``(N, OH, OW, C_out)``
     (NHWC) or ``(N, C_out, OH, OW)`` (NCHW)."""
     xp = _backend.array_module_of(x)
@@ -84,15 +83,15 @@ def conv2d_forward(x, w, bias, geom):
         _rows_fastest(ys[2], ys[3]),  # lanes along the output's pixels?
     )
     _launch_gemm(
-        "conv2d_forward_igemm", x.dtype, geom.batch * math.prod(geom.out_hw),
+        "convolution_forward_igemm", x.dtype, geom.batch * math.prod(geom.out_hw),
         _per_group(geom.out_channels, geom), geom.groups, 1,
-        (x, w, bias, y) + _geometry(geom) + xs + ws + ys + (numpy.int64(bias_stride),)
+        (x, w, bias, y) + _geometry_args(geom) + xs + ws + ys + (numpy.int64(bias_stride),)
         + tuple(numpy.int32(f) for f in flags),
     )
     return y
 
 
-def conv2d_input_grad(w, grad_out, geom):
+def input_grad(w, grad_out, geom):
     """Gradient of ``conv2d`` with respect to its input, of ``geom.in_shape``."""
     xp = _backend.array_module_of(grad_out)
     if _is_matrix_product(geom):
@@ -115,9 +114,9 @@ def conv2d_input_grad(w, grad_out, geom):
         _rows_fastest(gxs[2], gxs[3]),
     )
     _launch_gemm(
-        "conv2d_input_grad_igemm", w.dtype, geom.batch * math.prod(geom.in_hw),
+        "convolution_input_grad_igemm", w.dtype, geom.batch * math.prod(geom.in_hw),
         _per_group(geom.in_channels, geom), geom.groups, 1,
-        (grad_out, w, grad_x) + _geometry(geom) + gos + ws + gxs
+        (grad_out, w, grad_x) + _geometry_args(geom) + gos + ws + gxs
         + tuple(numpy.int32(f) for f in flags),
     )
     return grad_x
@@ -131,7 +130,7 @@ def _input_grad_by_taps(xp, w, grad_out, grad_x, geom):
         z[g, (n, oy, ox), (i, j, c)] = sum over co of
             grad_out[n, oy, ox, g*Cog + co] * w[i, j, c, g*Cog + co]
 
-    and ``conv2d_input_grad_gather`` adds, for each input element, the
+    and ``convolution_input_grad_gather`` adds, for each input element, the
     contributions of the taps that land on it.  ``z`` is the size of an
     im2col matrix, so large batches go through in parts of at most
     ``_BY_TAPS_WORKSPACE_BYTES`` (or one image).  float16 is multiplied in
@@ -146,26 +145,26 @@ def _input_grad_by_taps(xp, w, grad_out, grad_x, geom):
     pixels = math.prod(geom.out_hw)
     per_image = groups * pixels * taps * acc.itemsize
     chunk = max(1, _BY_TAPS_WORKSPACE_BYTES // max(1, per_image))
-    gather = _kernels.get_function(
-        "conv2d", f"conv2d_input_grad_gather<{_kernels.c_type(grad_x.dtype)}>")
+    type_name = _kernels.c_type(grad_x.dtype)
     for n0 in range(0, geom.batch, chunk):
         part = geom._replace(batch=min(chunk, geom.batch - n0))
         go = grad_out[n0:n0 + part.batch].reshape(part.batch * pixels, groups, cout_g)
         z = xp.matmul(go.transpose(1, 0, 2).astype(acc, copy=False), w_taps)
         z = xp.ascontiguousarray(z)  # as the kernel indexes it (matmul's already is)
         part_x = grad_x[n0:n0 + part.batch]
-        gather(_kernels.grid_for(part_x.size), (_THREADS,),
-               (z, part_x) + _geometry(part)
-               + _strides(part_x, _ACTIVATION_AXES[geom.layout])
-               + _kernels.int64s(part_x.size))
+        _kernels.launch("convolution", "convolution_input_grad_gather", type_name,
+                        _kernels.grid_for(part_x.size),
+                        (z, part_x) + _geometry_args(part)
+                        + _strides(part_x, _ACTIVATION_AXES[geom.layout])
+                        + _kernels.int64s(part_x.size))
     return grad_x
 
 
-def conv2d_weight_grad(x, grad_out, geom):
+def weight_grad(x, grad_out, geom):
     """Gradient of ``conv2d`` with respect to its weight, of ``geom.weight_shape``.
 
     The reduction over the ``N*OH*OW`` output pixels is split into chunks of
-    a size fixed by the shapes alone; ``conv2d_weight_grad_reduce`` adds the
+    a size fixed by the shapes alone; ``convolution_weight_grad_reduce`` adds the
     chunks' partial sums in order, so results are reproducible bit for bit.
     """
     xp = _backend.array_module_of(x)
@@ -191,15 +190,14 @@ def conv2d_weight_grad(x, grad_out, geom):
         _rows_fastest(gos[3], gos[2]),
     )
     _launch_gemm(
-        "conv2d_weight_grad_igemm", x.dtype, taps, cout_g, groups, splits,
-        (x, grad_out, partial) + _geometry(geom) + xs + gos + (numpy.int64(split_len),)
+        "convolution_weight_grad_igemm", x.dtype, taps, cout_g, groups, splits,
+        (x, grad_out, partial) + _geometry_args(geom) + xs + gos + (numpy.int64(split_len),)
         + tuple(numpy.int32(f) for f in flags),
     )
     ws = _strides(grad_w, _WEIGHT_AXES[layout])
-    reduce = _kernels.get_function(
-        "conv2d", f"conv2d_weight_grad_reduce<{_kernels.c_type(x.dtype)}>")
-    reduce(
-        _kernels.grid_for(grad_w.size), (_THREADS,),
+    _kernels.launch(
+        "convolution", "convolution_weight_grad_reduce", _kernels.c_type(x.dtype),
+        _kernels.grid_for(grad_w.size),
         (partial, grad_w)
         + _kernels.int64s(splits, groups, kw, taps, cin_g, cout_g)
         + ws,
@@ -281,8 +279,9 @@ def _per_group(channels, geom):
 
 
 @functools.lru_cache(maxsize=256)
-def _geometry(geom):
-    """The 16 leading kernel arguments (CONV2D_GEOMETRY_PARAMS in conv2d.cu)."""
+def _geometry_args(geom):
+    """The 16 leading kernel arguments (CONVOLUTION_GEOMETRY_PARAMS in
+    convolution.cu)."""
     (top, _), (left, _) = geom.padding
     return _kernels.int64s(
         geom.batch, *geom.in_hw, *geom.out_hw, *geom.kernel,
@@ -290,29 +289,24 @@ def _geometry(geom):
         geom.groups, *geom.stride, top, left, *geom.dilation)
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
 def _weight_grad_splits(taps, cout_g, groups, pixels):
     """``(splits, split_len)``: how the weight gradient's reduction over
     ``pixels`` output pixels is cut; ``split_len`` is a multiple of the slice."""
-    slices = max(1, _cdiv(pixels, _SLICE))
-    blocks = _cdiv(taps, _TILE) * _cdiv(cout_g, _TILE) * groups
-    splits = max(1, min(_MAX_SPLITS, _cdiv(slices, _MIN_SPLIT_SLICES),
-                        _cdiv(_TARGET_BLOCKS, blocks)))
-    split_slices = _cdiv(slices, splits)
-    return _cdiv(slices, split_slices), split_slices * _SLICE
+    slices = max(1, _kernels.ceil_div(pixels, _SLICE))
+    blocks = _kernels.ceil_div(taps, _TILE) * _kernels.ceil_div(cout_g, _TILE) * groups
+    splits = max(1, min(_MAX_SPLITS, _kernels.ceil_div(slices, _MIN_SPLIT_SLICES),
+                        _kernels.ceil_div(_TARGET_BLOCKS, blocks)))
+    split_slices = _kernels.ceil_div(slices, splits)
+    return _kernels.ceil_div(slices, split_slices), split_slices * _SLICE
 
 
 def _launch_gemm(kernel, dtype, rows, cols, groups, splits, args):
     """Launch one of the implicit-GEMM kernels over a ``rows x cols`` product
     per group and split, as a 1-D grid of 64 x 64 tiles."""
-    blocks = _cdiv(rows, _TILE) * _cdiv(cols, _TILE) * groups * splits
+    blocks = _kernels.ceil_div(rows, _TILE) * _kernels.ceil_div(cols, _TILE) * groups * splits
     if blocks > _MAX_BLOCKS:
         raise ValueError(
             f"conv2d: this problem needs {blocks} thread blocks, more than the "
             f"{_MAX_BLOCKS} one CUDA launch allows; split the batch into parts"
         )
-    function = _kernels.get_function("conv2d", f"{kernel}<{_kernels.c_type(dtype)}>")
-    function((blocks,), (_THREADS,), args)
+    _kernels.launch("convolution", kernel, _kernels.c_type(dtype), (blocks,), args)

@@ -55,7 +55,7 @@ from .. import (
     max_pool2d,
     max_pool2d_backward,
 )
-from .._args import conv_output_size
+from ..convolution._geometry import conv_output_size
 from .charts import CHART_SPECS
 
 __all__ = ["ARCHITECTURES", "PriceTrendCNN", "Adam", "softmax_cross_entropy",

@@ -1,288 +1,17 @@
-"""2-D max-pooling over the H and W axes of NHWC or NCHW images, with its
-gradient.
-
-Which element a window picks is defined once and kept everywhere (values,
-indices, gradient, NumPy path and CUDA kernels): the first maximum in
-row-major window order; a NaN beats every number, and of several NaNs the
-last in window order wins, as in PyTorch's kernels.  Padding is never picked
-(it acts as -inf, or the dtype's minimum for integers).  The values are the
-picked elements, except that the NumPy 2x1 path takes them with
-``numpy.maximum`` where it runs NumPy's ufuncs, which may answer a tie of
--0.0 and +0.0 with either zero (equal values; the indices still name the
-first).
-
-The 2x1 window with stride (2, 1) -- two rows into one, as in the price-trend
-CNNs this package serves -- has its own path on both devices; on the CPU it
-runs in cache-sized blocks spread over the cores' threads.  Where numba is
-installed, the CPU path runs most of its work in compiled loops instead
-(:mod:`cupyconv._fused`).
+"""The NumPy path of max_pool2d and its gradient (see :mod:`cupyconv.pooling`
+for the semantics): a running pick over the window's taps for any window,
+the 2x1 window in cache-sized blocks, and where numba is installed the
+fused loops of :mod:`._fused` instead of most of NumPy's passes.
 """
 
 import contextlib
 import functools
 import math
-from typing import NamedTuple
 
 import numpy
 
-from . import _args, _backend, _fused, _kernels, _parallel
-
-__all__ = ["max_pool2d", "max_pool2d_backward"]
-
-_THREADS = 256
-
-
-class _Pool(NamedTuple):
-    """Geometry of one pooling call: sizes, layout and the (h, w) window."""
-
-    layout: str
-    n: int
-    c: int
-    h: int
-    w: int
-    oh: int
-    ow: int
-    kernel: tuple
-    stride: tuple
-    padding: tuple
-    dilation: tuple
-
-    def shape(self, h, w):
-        """Shape of an array of ``h x w`` images in this layout."""
-        return _args.activation_shape(self.n, self.c, (h, w), self.layout)
-
-    @property
-    def in_shape(self):
-        return self.shape(self.h, self.w)
-
-    @property
-    def out_shape(self):
-        return self.shape(self.oh, self.ow)
-
-    @property
-    def is_2x1(self):
-        """Two rows into one: window (2, 1), stride (2, 1), no padding."""
-        return (self.kernel == (2, 1) and self.stride == (2, 1)
-                and self.padding == (0, 0) and self.dilation[0] == 1)
-
-    def rows(self):
-        """``(planes, row, inner)`` of the 2x1 kernels' (planes, H, row) view:
-        row element ``l`` is image column ``l // inner``."""
-        if self.layout == "NHWC":
-            return self.n, self.w * self.c, self.c
-        return self.n * self.c, self.w, 1
-
-
-def _normalize(x, kernel_size, stride, padding, dilation, ceil_mode, layout):
-    layout = _args.check_layout(layout)
-    kernel, stride, padding, dilation = _args.pool_window(
-        kernel_size, stride, padding, dilation)
-    n, c, h, w = _args.spatial_shape(x.shape, layout)
-    oh, ow = _args.pool_output_shape(
-        (h, w), kernel, stride, padding, dilation, ceil_mode)
-    return _Pool(layout, n, c, h, w, oh, ow, kernel, stride, padding, dilation)
-
-
-def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
-               ceil_mode=False, layout="NHWC", return_indices=False):
-    """Maximum over each ``kernel_size`` window of every image and channel.
-
-    Along each spatial axis (as in :func:`torch.nn.functional.max_pool2d`)::
-
-        out = (size + 2*padding - dilation*(kernel - 1) - 1) // stride + 1
-
-    rounded up instead of down with ``ceil_mode``, where a last window must
-    still start inside the input or the leading padding.  Padding never wins:
-    it acts as -inf (the dtype's minimum for integers).  A window picks its
-    first maximum in row-major order; a window holding a NaN gives NaN (its
-    last NaN, as PyTorch picks).  For example ``x`` of shape
-    ``(N, 32, 15, C)`` pooled 2x1 (``kernel_size=(2, 1)``, stride defaulting
-    to it) gives
-    ``(N, (32 - 2) // 2 + 1, (15 - 1) // 1 + 1, C) = (N, 16, 15, C)``.
-
-    Parameters
-    ----------
-    x : array_like
-        Images, 4-D: ``(N, H, W, C)`` for ``layout="NHWC"``, ``(N, C, H, W)``
-        for ``"NCHW"``.  float16/32/64 or any signed or unsigned integer
-        dtype.  Not modified.
-    kernel_size : int or (int, int)
-        Window height and width, each ``>= 1``.
-    stride : int or (int, int), optional
-        Step between windows, each ``>= 1``; defaults to ``kernel_size``.
-    padding : int or (int, int), optional
-        Implicit -inf rows/columns on both sides, ``0 <= padding <=
-        kernel_size // 2`` per axis.
-    dilation : int or (int, int), optional
-        Spacing between window taps, each ``>= 1``.
-    ceil_mode : bool, optional
-        Round the output size up (PyTorch's rule), keeping a partial last
-        window.
-    layout : {"NHWC", "NCHW"}, optional
-        Axis order of ``x`` and of the results.
-    return_indices : bool, optional
-        Also return where each maximum came from.
-
-    Returns
-    -------
-    out : ndarray
-        Maxima of ``x``'s dtype, ``(N, OH, OW, C)`` or ``(N, C, OH, OW)``.
-    indices : ndarray of int64
-        Only with ``return_indices``: the flat index ``h*W + w`` of each
-        maximum within its input plane, PyTorch's convention.  It can be given
-        to :func:`max_pool2d_backward`.
-
-    Raises
-    ------
-    ValueError
-        ``x`` not 4-D; an unknown layout; sizes below 1; padding above
-        ``kernel_size // 2``; a window larger than the padded input (an output
-        size below 1) or, with dilation, a window with no input element.
-    TypeError
-        Non-integer sizes, a non-bool flag, an unsupported dtype (bool,
-        complex, ...).
-
-    See Also
-    --------
-    max_pool2d_backward : the gradient with respect to ``x``.
-
-    Notes
-    -----
-    On the CPU, where numba is installed (``pip install "cupyconv[jit]"``),
-    every dtype but float16 runs in loops it compiles
-    (:mod:`cupyconv._fused`) rather than in NumPy's ufuncs, with the same
-    results: several times faster for windows other than 2x1, and for the
-    2x1 window with indices.  The first call of a process compiles them, or
-    loads them from numba's cache.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> import cupyconv as cc
-    >>> x = np.array([3, 1, 5, 7, 2, 2]).reshape(1, 3, 2, 1)  # NHWC
-    >>> out, indices = cc.max_pool2d(x, (2, 1), return_indices=True)
-    >>> out[0, :, :, 0]
-    array([[5, 7]])
-    >>> indices[0, :, :, 0]
-    array([[2, 3]])
-    >>> cc.max_pool2d(x, (2, 1), ceil_mode=True)[0, :, :, 0]
-    array([[5, 7],
-           [2, 2]])
-    >>> cc.max_pool2d(np.arange(16.0).reshape(1, 1, 4, 4), 3, stride=1,
-    ...               padding=1, layout="NCHW")[0, 0]
-    array([[ 5.,  6.,  7.,  7.],
-           [ 9., 10., 11., 11.],
-           [13., 14., 15., 15.],
-           [13., 14., 15., 15.]])
-    """
-    xp = _backend.dispatch(x=x)
-    x = _args.native_4d(x, "x", xp)
-    if _kernels.c_type(x.dtype) is None:
-        raise TypeError(
-            f"x must have a float or integer dtype, got {x.dtype}")
-    if not isinstance(return_indices, (bool, numpy.bool_)):
-        raise TypeError(f"return_indices must be a bool, got {return_indices!r}")
-    pool = _normalize(x, kernel_size, stride, padding, dilation, ceil_mode, layout)
-    if _backend.use_kernels(xp):
-        out, indices = _forward_kernels(x, pool, return_indices)
-    elif pool.is_2x1:
-        out, indices = _forward_2x1(x, pool, return_indices)
-    else:
-        out, indices = _forward(x, pool, return_indices)
-    return (out, indices) if return_indices else out
-
-
-def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
-                        dilation=1, *, ceil_mode=False, layout="NHWC",
-                        indices=None):
-    """Gradient of :func:`max_pool2d` with respect to ``x``.
-
-    Each window's gradient goes to the one element it picked (its first
-    maximum, or last NaN) and is summed where windows overlap, in a fixed
-    order, so results are deterministic.  Tied elements other than the pick
-    get nothing.  Shapes: ``grad_out`` is ``max_pool2d(x, ...)``'s output
-    shape; the result is ``x.shape``.
-
-    Parameters
-    ----------
-    grad_out : array_like
-        Gradient with respect to ``max_pool2d``'s output, of ``x``'s dtype.
-    x : array_like
-        The input of the forward call, float16/32/64.  Without ``indices``
-        the picks are recomputed from it; with them only its shape is used.
-    kernel_size, stride, padding, dilation, ceil_mode, layout
-        As given to :func:`max_pool2d`.
-    indices : array_like of int64, optional
-        The indices that ``max_pool2d(..., return_indices=True)`` returned for
-        the same ``x`` and arguments (as PyTorch's
-        ``max_pool2d_with_indices_backward`` takes them); spares recomputing
-        the picks.  An index that does not point into its own window
-        contributes nothing.
-
-    Returns
-    -------
-    ndarray
-        The gradient with respect to ``x``: ``x``'s shape and dtype.
-
-    Raises
-    ------
-    ValueError
-        Any error of :func:`max_pool2d`; ``grad_out`` or ``indices`` not of
-        the output's shape.
-    TypeError
-        ``grad_out`` and ``x`` not sharing one float dtype; ``indices`` not
-        int64.
-
-    See Also
-    --------
-    max_pool2d : the forward pass.
-
-    Notes
-    -----
-    On the CPU, where numba is installed (``pip install "cupyconv[jit]"``),
-    the work runs in loops it compiles (:mod:`cupyconv._fused`) rather
-    than in NumPy's ufuncs, with the same result bit for bit; see
-    :func:`max_pool2d`.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> import cupyconv as cc
-    >>> x = np.array([[1.0, 4.0, 4.0, 2.0]]).reshape(1, 1, 1, 4)  # NCHW
-    >>> cc.max_pool2d_backward(np.ones((1, 1, 1, 3)), x, (1, 2), stride=1,
-    ...                        layout="NCHW")[0, 0]
-    array([[0., 2., 1., 0.]])
-    >>> x = np.array([2.0, 2.0, 1.0, 3.0]).reshape(1, 2, 2, 1)  # NHWC
-    >>> out, indices = cc.max_pool2d(x, (2, 1), return_indices=True)
-    >>> cc.max_pool2d_backward(np.array([10.0, 20.0]).reshape(1, 1, 2, 1), x,
-    ...                        (2, 1), indices=indices)[0, :, :, 0]
-    array([[10.,  0.],
-           [ 0., 20.]])
-    """
-    xp = _backend.dispatch(grad_out=grad_out, x=x, indices=indices)
-    grad_out = _args.native_4d(grad_out, "grad_out", xp)
-    x = _args.native_4d(x, "x", xp)
-    _args.common_float_dtype(grad_out=grad_out, x=x)
-    pool = _normalize(x, kernel_size, stride, padding, dilation, ceil_mode, layout)
-    if grad_out.shape != pool.out_shape:
-        raise ValueError(
-            f"grad_out must have the output's shape {pool.out_shape}, "
-            f"got {grad_out.shape}")
-    if indices is not None:
-        indices = _args.native(indices, xp)
-        if indices.dtype != numpy.int64:
-            raise TypeError(f"indices must be int64, got {indices.dtype}")
-        if indices.shape != pool.out_shape:
-            raise ValueError(
-                f"indices must have the output's shape {pool.out_shape}, "
-                f"got {indices.shape}")
-    if _backend.use_kernels(xp):
-        return _backward_kernels(grad_out, x, indices, pool)
-    if pool.is_2x1:
-        return _backward_2x1(grad_out, x, indices, pool)
-    if indices is None:
-        indices = _forward(x, pool, True)[1]
-    return _backward(grad_out, indices, pool)
+from .. import _args, _kernels, _parallel
+from . import _fused
 
 
 # --- NumPy path --------------------------------------------------------------
@@ -361,6 +90,24 @@ def _taps(pool):
             yield out_rows, out_cols, in_rows, in_cols, at
 
 
+def forward(x, pool, want_indices):
+    """``(out, indices or None)`` of max_pool2d of ``x`` (validated, of
+    geometry ``pool``)."""
+    if pool.is_2x1:
+        return _forward_2x1(x, pool, want_indices)
+    return _forward(x, pool, want_indices)
+
+
+def backward(grad_out, x, indices, pool):
+    """The gradient of max_pool2d with respect to ``x``, from ``indices``
+    where given, else from picks recomputed from ``x``."""
+    if pool.is_2x1:
+        return _backward_2x1(grad_out, x, indices, pool)
+    if indices is None:
+        indices = _forward(x, pool, True)[1]
+    return _backward(grad_out, indices, pool)
+
+
 def _forward(x, pool, want_indices):
     """Any window: a running pick over the kh*kw taps, each an elementwise
     compare of strided views (outputs whose tap is in the padding skip it),
@@ -417,14 +164,14 @@ _FUSED_BACKWARD_PIXELS = 32
 
 def _rows_of(pool, a):
     """Images ``a`` (input- or output-sized) as the fused loops see them:
-    (planes, H, W * inner), C-contiguous (see :meth:`_Pool.rows`)."""
+    (planes, H, W * inner), C-contiguous (see :meth:`._geometry.PoolGeometry.rows`)."""
     planes, _, inner = pool.rows()
     _, _, h, w = _args.spatial_shape(a.shape, pool.layout)
     return numpy.ascontiguousarray(a).reshape(planes, h, w * inner)
 
 
 def _window_of(pool):
-    """The window as the fused loops take it (see :mod:`cupyconv._fused`)."""
+    """The window as the fused loops take it (see :mod:`cupyconv.pooling._fused`)."""
     return (*pool.kernel, *pool.stride, *pool.padding, *pool.dilation,
             pool.w, pool.rows()[2])
 
@@ -465,7 +212,7 @@ def _backward_fused(loops, grad_out, indices, pool):
 
 
 # The 2x1 path sees an array as (planes, H, row) like the 2x1 kernels (see
-# _Pool.rows), its windows as (planes, pairs, top/bottom, row), and works
+# PoolGeometry.rows), its windows as (planes, pairs, top/bottom, row), and works
 # block by block: whole planes, or a run of windows of one plane.  A block's
 # few passes then run in cache, and the blocks are shared among the CPU cores
 # (NumPy releases the GIL in its loops), as PyTorch spreads its pooling over
@@ -493,7 +240,7 @@ _IN_PLACE_ROW_BYTES = 1024
 _IN_PLACE_BLOCK_BYTES = 1 << 22
 
 
-def _blocks(pool, itemsize, block_bytes=None):
+def _pair_blocks(pool, itemsize, block_bytes=None):
     """(plane slice, window-row slice) blocks covering the 2x1 windows, each
     about ``block_bytes`` (default ``_BLOCK_BYTES``) of input: whole planes
     when they are smaller, else runs of windows of one plane."""
@@ -512,30 +259,11 @@ def _blocks(pool, itemsize, block_bytes=None):
             for p in range(planes) for k in range(0, pairs, run)]
 
 
-class _Buffers:
-    """One thread's scratch arrays for one call, kept across its blocks:
-    fresh memory for every block would cost a page fault per 4 KiB."""
-
-    def __init__(self):
-        self._flat = {}
-
-    def get(self, name, shape, dtype):
-        size = math.prod(shape)
-        flat = self._flat.get(name)
-        if flat is None or flat.size < size:
-            flat = self._flat[name] = numpy.empty(size, dtype)
-        return flat[:size].reshape(shape)
-
-
 def _in_blocks(work, blocks):
-    """``work(planes, windows, buffers)`` for every block, the blocks shared
-    among the cores' threads (see :mod:`cupyconv._parallel`)."""
-    def run_share(share):
-        buffers = _Buffers()
-        for planes, windows in share:
-            work(planes, windows, buffers)
-
-    _parallel.for_each_share(run_share, blocks)
+    """``work(planes, windows, scratch)`` for every block, the blocks shared
+    among the cores' threads, each with its :class:`cupyconv._parallel.Scratch`."""
+    _parallel.for_each_share_with_scratch(
+        lambda block, scratch: work(*block, scratch), blocks)
 
 
 def _pair_positions(pool, pairs):
@@ -546,7 +274,7 @@ def _pair_positions(pool, pairs):
             + numpy.arange(row) // inner)
 
 
-def _windows(a, pool):
+def _row_pairs(a, pool):
     """Images ``a`` as (planes, H, row) and their 2x1 windows as a (planes,
     pairs, top/bottom, row) view of it."""
     planes, row, _ = pool.rows()
@@ -588,7 +316,7 @@ def _forward_2x1(x, pool, want_indices):
     dropped, or with ``ceil_mode`` is a window of its own."""
     planes, row, _ = pool.rows()
     pairs = pool.h // 2
-    images, windows = _windows(x, pool)
+    images, windows = _row_pairs(x, pool)
     out = numpy.empty(pool.out_shape, x.dtype)
     best = out.reshape(planes, pool.oh, row)
     indices = numpy.empty(pool.out_shape, numpy.int64) if want_indices else None
@@ -626,7 +354,7 @@ def _forward_2x1(x, pool, want_indices):
                               pool.w, best, at),
             planes * pairs, x.nbytes)
     else:
-        _in_blocks(block_in_place if in_place else block, _blocks(pool, x.dtype.itemsize))
+        _in_blocks(block_in_place if in_place else block, _pair_blocks(pool, x.dtype.itemsize))
     if pool.oh > pairs:
         best[:, pairs] = images[:, pool.h - 1]
         if want_indices:
@@ -638,9 +366,9 @@ def _in_place_block_bytes(pool, itemsize):
     """Block size of the 2x1 backward in place: the fewest blocks of at most
     ``_IN_PLACE_BLOCK_BYTES`` that give each thread an even share, and no
     smaller than ``_BLOCK_BYTES`` (small inputs stay on fewer threads)."""
-    share = -(-math.prod(pool.in_shape) * itemsize // _parallel.CPUS)
-    per_thread = max(1, -(-share // _IN_PLACE_BLOCK_BYTES))
-    return max(_BLOCK_BYTES, -(-share // per_thread))
+    share = _kernels.ceil_div(math.prod(pool.in_shape) * itemsize, _parallel.CPUS)
+    per_thread = max(1, _kernels.ceil_div(share, _IN_PLACE_BLOCK_BYTES))
+    return max(_BLOCK_BYTES, _kernels.ceil_div(share, per_thread))
 
 
 def _picks_of_windows(rows, picks):
@@ -666,7 +394,7 @@ def _backward_2x1(grad_out, x, indices, pool):
     """2x1: each window's gradient goes to the row it picked, found by
     comparing the two rows again or by reading ``indices``; the other row
     gets +0.  Where numba is installed, float32 and float64 go through one
-    fused loop per range of windows (:mod:`cupyconv._fused`), which reads
+    fused loop per range of windows (:mod:`._fused`), which reads
     the input and the gradient once; what follows is the NumPy code that
     runs otherwise.  Each row's share is the gradient times a 0/1 mask of the
     picks, on the bits (exact, unlike floats: inf * 0 is NaN).  Long rows
@@ -681,10 +409,10 @@ def _backward_2x1(grad_out, x, indices, pool):
     pairs = pool.h // 2
     bits = numpy.dtype(f"u{grad_out.dtype.itemsize}")
     grad_in = numpy.empty(pool.in_shape, grad_out.dtype)
-    rows_out, windows_out = _windows(grad_in.view(bits), pool)
+    rows_out, windows_out = _row_pairs(grad_in.view(bits), pool)
     grads = _rows_of(pool, grad_out)
     if indices is None:
-        images, windows = _windows(x, pool)
+        images, windows = _row_pairs(x, pool)
     else:
         picks = _rows_of(pool, indices)
         top_at = _pair_positions(pool, pairs)
@@ -734,10 +462,10 @@ def _backward_2x1(grad_out, x, indices, pool):
         _parallel.for_each_range(functools.partial(loop, *args), planes * pairs,
                                  math.prod(pool.in_shape) * itemsize)
     elif _in_place(pool, itemsize):
-        blocks = _blocks(pool, itemsize, _in_place_block_bytes(pool, itemsize))
+        blocks = _pair_blocks(pool, itemsize, _in_place_block_bytes(pool, itemsize))
         _in_blocks(in_place, blocks)
     else:
-        _in_blocks(through_buffers, _blocks(pool, itemsize))
+        _in_blocks(through_buffers, _pair_blocks(pool, itemsize))
     if pool.oh > pairs:  # with ceil_mode an odd last row is its own window
         last_picked = True if indices is None else (
             picks[:, pairs] == _pair_positions(pool, 1)[0] + (pool.h - 1) * pool.w)
@@ -747,79 +475,3 @@ def _backward_2x1(grad_out, x, indices, pool):
     return grad_in
 
 
-# --- CUDA kernels (CuPy, or NumPy under the test suite's CPU executor) -------
-
-def _pack_grid(pool, count, itemsize):
-    """Grid of the 2x1 kernels: one thread per 16-byte pack of a row when the
-    row length allows it (the kernel falls back to single elements if a
-    pointer is not 16-byte aligned; its grid-stride loop covers the rest)."""
-    row = pool.rows()[1]
-    wide = 16 // itemsize
-    return _kernels.grid_for(count // wide if row % wide == 0 else count)
-
-
-@functools.lru_cache(maxsize=256)
-def _rows_args(pool):
-    """The 2x1 kernels' trailing geometry arguments."""
-    planes, row, inner = pool.rows()
-    return _kernels.int64s(planes, pool.h, pool.oh, row, inner, pool.w)
-
-
-@functools.lru_cache(maxsize=256)
-def _window_args(pool):
-    return (numpy.int32(pool.layout == "NHWC"),) + _kernels.int64s(
-        pool.c, pool.h, pool.w, pool.oh, pool.ow, *pool.kernel, *pool.stride,
-        *pool.padding, *pool.dilation)
-
-
-def _forward_kernels(x, pool, want_indices):
-    xp = _backend.array_module_of(x)
-    x = _kernels.kernel_operand(x, contiguous=True)
-    out = xp.empty(pool.out_shape, x.dtype)
-    # Without indices the kernels get a stand-in they never write.
-    indices = xp.empty(pool.out_shape if want_indices else (1,), numpy.int64)
-    if out.size:
-        type_name = _kernels.c_type(x.dtype)
-        flag = numpy.int32(want_indices)
-        if pool.is_2x1:
-            kernel = _kernels.get_function("maxpool", f"maxpool2x1_fwd<{type_name}>")
-            kernel(_pack_grid(pool, out.size, x.dtype.itemsize), (_THREADS,),
-                   (x, out, indices, flag)
-                   + _rows_args(pool)
-                   + (_kernels.fast_index(out.size),))
-        else:
-            kernel = _kernels.get_function("maxpool", f"maxpool_fwd<{type_name}>")
-            kernel(_kernels.grid_for(out.size, _THREADS), (_THREADS,),
-                   (x, out, indices, flag, numpy.int64(out.size))
-                   + _window_args(pool))
-    return out, (indices if want_indices else None)
-
-
-def _backward_kernels(grad_out, x, indices, pool):
-    xp = _backend.array_module_of(grad_out)
-    grad_out = _kernels.kernel_operand(grad_out, contiguous=True)
-    grad_in = xp.empty(pool.in_shape, grad_out.dtype)
-    if grad_in.size == 0:
-        return grad_in
-    type_name = _kernels.c_type(grad_out.dtype)
-    if pool.is_2x1:
-        with_indices = indices is not None
-        # The kernel reads the picks from one of the two; the other is unread.
-        values = grad_out if with_indices else _kernels.kernel_operand(x, contiguous=True)
-        picks = (_kernels.kernel_operand(indices, contiguous=True) if with_indices
-                 else xp.empty((1,), numpy.int64))
-        planes, row, _ = pool.rows()
-        count = planes * -(-pool.h // 2) * row
-        kernel = _kernels.get_function("maxpool", f"maxpool2x1_bwd<{type_name}>")
-        kernel(_pack_grid(pool, count, grad_out.dtype.itemsize), (_THREADS,),
-               (grad_out, values, picks, numpy.int32(with_indices), grad_in)
-               + _rows_args(pool)
-               + (_kernels.fast_index(count),))
-        return grad_in
-    if indices is None:
-        indices = _forward_kernels(x, pool, True)[1]
-    kernel = _kernels.get_function("maxpool", f"maxpool_bwd<{type_name}>")
-    kernel(_kernels.grid_for(grad_in.size, _THREADS), (_THREADS,),
-           (grad_out, _kernels.kernel_operand(indices, contiguous=True), grad_in,
-            numpy.int64(grad_in.size)) + _window_args(pool))
-    return grad_in
