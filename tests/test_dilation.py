@@ -1,6 +1,5 @@
-"""dilate / undilate on the NumPy path against an element-by-element reference."""
-
-import itertools
+"""dilate / undilate on the NumPy path against an element-by-element reference
+(the kernel's path is in test_dilation_kernels.py)."""
 
 import numpy as np
 import pytest
@@ -8,42 +7,10 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import cupyconv as cc
+import reference
+from reference import small_integers as random_array
 
-DTYPES = [np.bool_, np.int8, np.int32, np.int64, np.float16, np.float32,
-          np.float64, np.complex64, np.complex128]
-
-
-def reference_dilate(a, axes, dilation, shape=None):
-    """Place every element by hand: index j along axis k goes to j * (d_k + 1)."""
-    a = np.asarray(a)
-    steps = [1] * a.ndim
-    for axis, d in zip(axes, dilation):
-        steps[axis] = d + 1
-    if shape is None:
-        shape = tuple(n * s for n, s in zip(a.shape, steps))
-    out = np.zeros(shape, a.dtype)
-    for index in itertools.product(*map(range, a.shape)):
-        out[tuple(i * s for i, s in zip(index, steps))] = a[index]
-    return out
-
-
-def reference_undilate(a, axes, dilation):
-    a = np.asarray(a)
-    steps = [1] * a.ndim
-    for axis, d in zip(axes, dilation):
-        steps[axis] = d + 1
-    shape = tuple(-(-n // s) for n, s in zip(a.shape, steps))
-    out = np.empty(shape, a.dtype)
-    for index in itertools.product(*map(range, shape)):
-        out[index] = a[tuple(i * s for i, s in zip(index, steps))]
-    return out
-
-
-def random_array(rng, shape, dtype):
-    data = rng.integers(-5, 6, size=shape)
-    if np.dtype(dtype).kind == "c":
-        return (data + 1j * rng.integers(-5, 6, size=shape)).astype(dtype)
-    return data.astype(dtype)
+DTYPES = reference.DILATION_DTYPES
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -65,12 +32,12 @@ def test_dilate_and_undilate_match_reference(dtype, shape, axes, dilation):
     norm_axes = tuple(ax % len(shape) for ax in np.atleast_1d(axes))
     norm_dil = (dilation,) * len(norm_axes) if np.isscalar(dilation) else dilation
     out = cc.dilate(a, axes, dilation)
-    expected = reference_dilate(a, norm_axes, norm_dil)
+    expected = reference.dilate(a, norm_axes, norm_dil)
     assert out.dtype == a.dtype and out.flags.c_contiguous
     np.testing.assert_array_equal(out, expected)
     back = cc.undilate(out, axes, dilation)
     np.testing.assert_array_equal(back, a)
-    np.testing.assert_array_equal(back, reference_undilate(out, norm_axes, norm_dil))
+    np.testing.assert_array_equal(back, reference.undilate(out, norm_axes, norm_dil))
 
 
 def test_issue_example():
@@ -93,10 +60,10 @@ def test_non_contiguous_inputs(make_view):
     a = make_view(np.arange(4 * 5 * 6, dtype=np.float64).reshape(4, 5, 6))
     before = a.copy()
     out = cc.dilate(a, (0, -1), (1, 2))
-    np.testing.assert_array_equal(out, reference_dilate(a, (0, a.ndim - 1), (1, 2)))
+    np.testing.assert_array_equal(out, reference.dilate(a, (0, a.ndim - 1), (1, 2)))
     np.testing.assert_array_equal(a, before)  # the input is never modified
     und = cc.undilate(a, (0, 1), (2, 1))
-    np.testing.assert_array_equal(und, reference_undilate(a, (0, 1), (2, 1)))
+    np.testing.assert_array_equal(und, reference.undilate(a, (0, 1), (2, 1)))
     assert und.flags.c_contiguous
 
 
@@ -122,12 +89,12 @@ def test_runs_and_threads(monkeypatch, cpus, dtype, make_view, axes, dilation):
     norm_axes = tuple(np.atleast_1d(axes) % a.ndim)
     norm_dil = (dilation,) * len(norm_axes) if np.isscalar(dilation) else dilation
     out = cc.dilate(a, axes, dilation)
-    np.testing.assert_array_equal(out, reference_dilate(a, norm_axes, norm_dil))
+    np.testing.assert_array_equal(out, reference.dilate(a, norm_axes, norm_dil))
     assert out.dtype == a.dtype and out.flags.c_contiguous
     back = cc.undilate(out, axes, dilation)
     np.testing.assert_array_equal(back, a)
     und = cc.undilate(a, axes, dilation)
-    np.testing.assert_array_equal(und, reference_undilate(a, norm_axes, norm_dil))
+    np.testing.assert_array_equal(und, reference.undilate(a, norm_axes, norm_dil))
     assert und.dtype == a.dtype and und.flags.c_contiguous
 
 
@@ -242,37 +209,3 @@ def test_adjointness(case, extra, rnd):
     crop = tuple(slice(0, n) for n in a.shape)
     right = np.sum(a * cc.undilate(b, axes, dilation)[crop])
     assert np.isclose(left, right, rtol=1e-12, atol=1e-9)
-
-
-# ---- GPU: the CuPy path against the NumPy path, exactly ----------------------
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "make_view",
-    [lambda a: a, lambda a: a.T, lambda a: a[::-1, 1:, ::2]],
-    ids=["contiguous", "transposed", "reversed-strided"],
-)
-def test_gpu_matches_numpy(gpu, dtype, make_view):
-    host = make_view(random_array(np.random.default_rng(1), (37, 20, 9), dtype))
-    device = make_view(gpu.asarray(random_array(np.random.default_rng(1), (37, 20, 9),
-                                                dtype)))
-    n0, n1, n2 = host.shape
-    minimal = ((n0 - 1) * 2 + 1, n1, n2)  # no trailing zeros along axis 0
-    for axes, dilation, shape in [((0, 2), (2, 1), None), ((-1,), 3, None),
-                                  ((0, 1), (1, 0), minimal)]:
-        out = cc.dilate(device, axes, dilation, shape=shape)
-        assert isinstance(out, gpu.ndarray)
-        np.testing.assert_array_equal(out.get(), cc.dilate(host, axes, dilation, shape=shape))
-        back = cc.undilate(device, axes, dilation)
-        assert isinstance(back, gpu.ndarray) and back.flags.c_contiguous
-        np.testing.assert_array_equal(back.get(), cc.undilate(host, axes, dilation))
-
-
-@pytest.mark.gpu
-def test_gpu_large_grid_stride(gpu):
-    """More elements than one grid covers: the grid-stride loop finishes the rest."""
-    a = gpu.arange(3 * 1024 * 1024, dtype=gpu.float32).reshape(1024, 3072)
-    out = cc.dilate(a, (0, 1), 1)
-    np.testing.assert_array_equal(out.get(), cc.dilate(a.get(), (0, 1), 1))

@@ -1,12 +1,11 @@
-"""max_pool2d / max_pool2d_backward against a plain loop reference and PyTorch,
-and the CUDA kernels (cuda/pooling.cu) against the NumPy path.
+"""max_pool2d / max_pool2d_backward on the NumPy path (with and without
+numba) against the float64 loop reference and PyTorch.
 
 The pick rule under test everywhere: a window picks its first maximum in
 row-major window order; a NaN beats every number, and of several NaNs the
 last wins, as in PyTorch; padding is never picked.
 """
 
-import contextlib
 import itertools
 import math
 import os
@@ -18,106 +17,20 @@ import numpy as np
 import pytest
 
 import cupyconv as cc
-import cpu_cuda
-from cupyconv import _backend, _kernels
+import reference
 from cupyconv.pooling import _cpu as pool_cpu, _fused, _geometry as pool_geometry
+from reference import nchw_to as to_layout, to_nchw as from_layout
 
 INT_DTYPES = [np.int8, np.int16, np.int32, np.int64,
               np.uint8, np.uint16, np.uint32, np.uint64]
 FLOAT_DTYPES = [np.float16, np.float32, np.float64]
 ALL_DTYPES = FLOAT_DTYPES + INT_DTYPES
 
-# (kernel_size, stride, padding, dilation, ceil_mode, (H, W))
-CONFIGS = [
-    ((2, 1), None, 0, 1, False, (6, 3)),          # the 2x1 path
-    ((2, 1), None, 0, 1, False, (7, 3)),          # odd H: last row dropped
-    ((2, 1), None, 0, 1, True, (7, 3)),           # odd H: last row a window
-    ((2, 1), (2, 1), 0, (1, 3), False, (4, 2)),   # 2x1 whatever the w dilation
-    (2, None, 0, 1, False, (5, 4)),
-    (3, 1, 1, 1, False, (4, 5)),                  # overlapping, padded
-    ((3, 2), (1, 2), (1, 1), 1, True, (5, 5)),
-    ((2, 3), (2, 1), (1, 0), (2, 1), False, (6, 4)),  # dilation
-    (3, 2, 1, 2, True, (7, 6)),
-    ((2, 2), 3, 0, 1, True, (8, 7)),              # stride > kernel, ceil
-    ((1, 1), 1, 0, 1, False, (2, 3)),
-    ((4, 3), (1, 1), (2, 1), 1, False, (4, 3)),   # window as large as allowed
-    ((2, 1), (1, 1), 0, 1, False, (4, 2)),        # 2x1 window, overlapping rows
-]
-KINDS = ["random", "ties", "constant", "nan", "-inf"]
+CONFIGS, KINDS = reference.POOL_CONFIGS, reference.POOL_INPUT_KINDS
 
-
-# ---- plain loop reference ------------------------------------------------------
-
-def reference_output_size(n, k, s, p, d, ceil_mode):
-    span = n + 2 * p - d * (k - 1) - 1
-    out = (math.ceil(span / s) if ceil_mode else span // s) + 1
-    if ceil_mode and (out - 1) * s >= n + p:
-        out -= 1
-    return out
-
-
-def _pairs(kernel_size, stride, padding, dilation):
-    as_pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-    k = as_pair(kernel_size)
-    return k, as_pair(k if stride is None else stride), as_pair(padding), as_pair(dilation)
-
-
-def reference_pool(x, kernel_size, stride, padding, dilation, ceil_mode):
-    """(values, indices) of an NCHW array, window by window, tap by tap."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pairs(kernel_size, stride, padding, dilation)
-    n, c, h, w = x.shape
-    oh = reference_output_size(h, kh, sh, ph, dh, ceil_mode)
-    ow = reference_output_size(w, kw, sw, pw, dw, ceil_mode)
-    out = np.empty((n, c, oh, ow), x.dtype)
-    indices = np.empty((n, c, oh, ow), np.int64)
-    for b, ch, i, j in itertools.product(range(n), range(c), range(oh), range(ow)):
-        best = best_at = None
-        for u, v in itertools.product(range(kh), range(kw)):
-            r, q = i * sh - ph + u * dh, j * sw - pw + v * dw
-            if not (0 <= r < h and 0 <= q < w):
-                continue
-            value = x[b, ch, r, q]
-            if best is None or value > best or value != value:  # NaN: the last
-                best, best_at = value, r * w + q
-        out[b, ch, i, j], indices[b, ch, i, j] = best, best_at
-    return out, indices
-
-
-def reference_grad(x, grad_out, indices):
-    """float64 sum of each window's gradient into the element it picked."""
-    n, c, h, w = x.shape
-    grad = np.zeros((n, c, h * w))
-    for b, ch, i, j in np.ndindex(*indices.shape):
-        grad[b, ch, indices[b, ch, i, j]] += float(grad_out[b, ch, i, j])
-    return grad.reshape(x.shape)
-
-
-def to_layout(a, layout):
-    """An NCHW array in ``layout`` (C-contiguous)."""
-    return np.ascontiguousarray(a if layout == "NCHW" else a.transpose(0, 2, 3, 1))
-
-
-def from_layout(a, layout):
-    return a if layout == "NCHW" else a.transpose(0, 3, 1, 2)
-
-
-def make_input(rng, shape, dtype, kind):
-    """NCHW test data: "random" normal values (floats) or a wide integer
-    range, "ties" a few small integers, "constant", "nan" (ties plus NaNs),
-    "-inf" (ties plus -inf, floats)."""
-    dtype = np.dtype(dtype)
-    if kind == "random":
-        if dtype.kind == "f":
-            return rng.standard_normal(shape).astype(dtype)
-        info = np.iinfo(dtype)
-        return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
-    if kind == "constant":
-        return np.full(shape, 3, dtype)
-    x = rng.integers(0, 3, size=shape).astype(dtype)
-    if kind in ("nan", "-inf"):
-        x.flat[rng.choice(x.size, max(1, x.size // 5), replace=False)] = (
-            np.nan if kind == "nan" else -np.inf)
-    return x
+# The NumPy path, without and with numba's loops (the kernels' paths are
+# in test_pooling_kernels.py).
+pytestmark = pytest.mark.paths("numpy", "numba")
 
 
 def pool_fn(x_nchw, layout, config, **kw):
@@ -140,30 +53,15 @@ def pool_grad(grad_nchw, x_nchw, layout, config, indices=None):
     return from_layout(grad, layout)
 
 
-@pytest.fixture(params=["fused", "numpy"])
-def cpu_loops(request):
-    """The NumPy path through numba's fused loops (every dtype but float16,
-    where numba is installed), or through NumPy's ufuncs alone; either way
-    with ``numpy.empty`` poisoned, so that an element left unwritten shows."""
-    if request.param == "numpy":
-        with _fused.numpy_only(), cpu_cuda.poisoned_empty():
-            yield request.param
-        return
-    pytest.importorskip("numba")
-    assert _fused.pool_loops(np.dtype(np.float32)) is not None
-    with cpu_cuda.poisoned_empty():
-        yield request.param
-
-
 # ---- NumPy path against the reference -------------------------------------------
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("config", CONFIGS)
-def test_matches_reference(config, kind, layout, cpu_loops):
+def test_matches_reference(config, kind, layout, path):
     rng = np.random.default_rng([CONFIGS.index(config), KINDS.index(kind)])
-    x = make_input(rng, (2, 3) + config[-1], np.float64, kind)
-    want, want_at = reference_pool(x, *config[:5])
+    x = reference.pool_input(rng, (2, 3) + config[-1], np.float64, kind)
+    want, want_at = reference.max_pool2d(x, *config[:5])
     out, at = pool_fn(x, layout, config, return_indices=True)
     assert out.dtype == x.dtype and at.dtype == np.int64
     np.testing.assert_array_equal(out, want)
@@ -174,18 +72,18 @@ def test_matches_reference(config, kind, layout, cpu_loops):
         out.reshape(2, 3, -1))
     grad_out = rng.standard_normal(out.shape)
     grad = pool_grad(grad_out, x, layout, config)
-    np.testing.assert_allclose(grad, reference_grad(x, grad_out, want_at), rtol=1e-12)
+    np.testing.assert_allclose(grad, reference.max_pool2d_backward(x, grad_out, want_at), rtol=1e-12)
     np.testing.assert_array_equal(pool_grad(grad_out, x, layout, config, indices=at), grad)
     np.testing.assert_array_equal(pool_fn(x, layout, config), out)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[6], CONFIGS[7]])
-def test_dtypes_match_reference(config, dtype, cpu_loops):
+def test_dtypes_match_reference(config, dtype, path):
     rng = np.random.default_rng(7)
     for kind in ("random", "ties"):
-        x = make_input(rng, (2, 2) + config[-1], dtype, kind)
-        want, want_at = reference_pool(x, *config[:5])
+        x = reference.pool_input(rng, (2, 2) + config[-1], dtype, kind)
+        want, want_at = reference.max_pool2d(x, *config[:5])
         for layout in ("NHWC", "NCHW"):
             out, at = pool_fn(x, layout, config, return_indices=True)
             assert out.dtype == dtype
@@ -195,22 +93,22 @@ def test_dtypes_match_reference(config, dtype, cpu_loops):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("config", [CONFIGS[2], CONFIGS[5], CONFIGS[8]])
-def test_gradient_dtypes(config, dtype, cpu_loops):
+def test_gradient_dtypes(config, dtype, path):
     rng = np.random.default_rng(3)
-    x = make_input(rng, (2, 2) + config[-1], dtype, "ties")
-    _, at = reference_pool(x, *config[:5])
+    x = reference.pool_input(rng, (2, 2) + config[-1], dtype, "ties")
+    _, at = reference.max_pool2d(x, *config[:5])
     grad_out = rng.integers(-8, 8, size=at.shape).astype(dtype) / 4
     for layout in ("NHWC", "NCHW"):
         grad = pool_grad(grad_out, x, layout, config)
         assert grad.dtype == dtype
         # Small dyadic gradients sum exactly in every float dtype.
-        np.testing.assert_array_equal(grad, reference_grad(x, grad_out, at))
+        np.testing.assert_array_equal(grad, reference.max_pool2d_backward(x, grad_out, at))
 
 
-@pytest.mark.parametrize("cpu_loops", ["numpy"], indirect=True)  # blocks are NumPy's
+@pytest.mark.paths("numpy")  # the blocks are NumPy's
 @pytest.mark.parametrize("in_place_row_bytes", [None, 0])
 @pytest.mark.parametrize("block_bytes", [48, 480, 1500])
-def test_2x1_in_blocks(monkeypatch, block_bytes, in_place_row_bytes, cpu_loops):
+def test_2x1_in_blocks(monkeypatch, block_bytes, in_place_row_bytes, path):
     """The 2x1 path split into blocks (runs of row pairs of one image, or a
     few whole images) shared among threads gives the same results; at 480
     bytes NHWC runs of 3 pairs leave a last run of 1 (of 4), which with
@@ -222,16 +120,16 @@ def test_2x1_in_blocks(monkeypatch, block_bytes, in_place_row_bytes, cpu_loops):
     if in_place_row_bytes is not None:
         monkeypatch.setattr(pool_cpu, "_IN_PLACE_ROW_BYTES", in_place_row_bytes)
     rng = np.random.default_rng(block_bytes)
-    x = make_input(rng, (5, 4, 9, 5), np.float32, "nan")
+    x = reference.pool_input(rng, (5, 4, 9, 5), np.float32, "nan")
     pool = pool_geometry.pool_geometry(to_layout(x, "NHWC").shape, (2, 1), None, 0, 1, False,
                                       "NHWC")
     assert len(pool_cpu._pair_blocks(pool, 4)) > 2
     assert len(pool_cpu._pair_blocks(pool, 4, pool_cpu._in_place_block_bytes(pool, 4))) > 2
     for ceil_mode in (False, True):
         config = ((2, 1), None, 0, 1, ceil_mode, None)
-        want, want_at = reference_pool(x, *config[:5])
+        want, want_at = reference.max_pool2d(x, *config[:5])
         grad_out = rng.standard_normal(want.shape).astype(np.float32)
-        want_grad = reference_grad(x, grad_out, want_at)
+        want_grad = reference.max_pool2d_backward(x, grad_out, want_at)
         for layout in ("NHWC", "NCHW"):
             out, at = pool_fn(x, layout, config, return_indices=True)
             np.testing.assert_array_equal(out, want)
@@ -245,7 +143,7 @@ def test_2x1_in_blocks(monkeypatch, block_bytes, in_place_row_bytes, cpu_loops):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("layout, shape", [("NHWC", (2, 128, 5, 4)),
                                            ("NCHW", (1, 3, 5, 512))])
-def test_2x1_backward_in_place_rows(monkeypatch, layout, shape, dtype, cpu_loops):
+def test_2x1_backward_in_place_rows(monkeypatch, layout, shape, dtype, path):
     """Rows long enough (as the seed model's 15x64 NHWC ones) for the 2x1
     forward to read them and the backward to write them in place (the
     forward's values checked too): ties, NaNs, odd H with and without
@@ -257,7 +155,7 @@ def test_2x1_backward_in_place_rows(monkeypatch, layout, shape, dtype, cpu_loops
     itemsize = np.dtype(dtype).itemsize
     assert pool.rows()[1] * itemsize >= pool_cpu._IN_PLACE_ROW_BYTES
     rng = np.random.default_rng(list(shape) + [itemsize])
-    x = make_input(rng, shape, dtype, "nan")
+    x = reference.pool_input(rng, shape, dtype, "nan")
     n, c, h, w = shape
     for ceil_mode, block_bytes in itertools.product(
             (False, True), (None, 3 * pool.rows()[1] * itemsize)):
@@ -265,7 +163,7 @@ def test_2x1_backward_in_place_rows(monkeypatch, layout, shape, dtype, cpu_loops
             monkeypatch.setattr(pool_cpu, "_BLOCK_BYTES", block_bytes)
             monkeypatch.setattr(pool_cpu, "_IN_PLACE_BLOCK_BYTES", block_bytes)
         config = ((2, 1), None, 0, 1, ceil_mode, None)
-        want_out, at = reference_pool(x, *config[:5])
+        want_out, at = reference.max_pool2d(x, *config[:5])
         np.testing.assert_array_equal(pool_fn(x, layout, config), want_out)
         grad_out = rng.standard_normal(at.shape).astype(dtype)
         grad_out.flat[rng.choice(grad_out.size, 12, replace=False)] = (
@@ -293,7 +191,7 @@ def test_2x1_backward_fused_in_window_ranges(monkeypatch, layout, dtype):
     monkeypatch.setattr(pool_cpu._parallel, "CPUS", 3)
     rng = np.random.default_rng(list(layout.encode()) + [np.dtype(dtype).itemsize])
     shape = (3, 8, 45, 257)  # NCHW, 1.1 MB in float32
-    x = make_input(rng, shape, dtype, "nan")
+    x = reference.pool_input(rng, shape, dtype, "nan")
     pool = pool_geometry.pool_geometry(x.shape, (2, 1), None, 0, 1, False, "NCHW")
     assert len(pool_cpu._parallel.ranges(pool.n * pool.c * (pool.h // 2), x.nbytes)) == 3
     for ceil_mode in (False, True):
@@ -328,7 +226,7 @@ def test_fused_loops_of_any_window_match_numpy(monkeypatch, by):
             CONFIGS, KINDS, ("NHWC", "NCHW"), (np.float32, np.float64, np.int32)):
         if dtype == np.int32 and kind in ("nan", "-inf"):
             continue
-        x = make_input(rng, (2, 5) + config[-1], dtype, kind)
+        x = reference.pool_input(rng, (2, 5) + config[-1], dtype, kind)
         out, at = pool_fn(x, layout, config, return_indices=True)
         with _fused.numpy_only():
             want_out, want_at = pool_fn(x, layout, config, return_indices=True)
@@ -362,7 +260,7 @@ def test_fused_loops_stay_in_bounds(tmp_path):
                PYTHONPATH=os.pathsep.join(filter(None, [package_root,
                                                         os.environ.get("PYTHONPATH")])))
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-               "-k", "fused", __file__]
+               "-k", "fused or numba", __file__]
     result = subprocess.run(command, env=env, capture_output=True, text=True,
                             cwd=os.path.dirname(__file__), timeout=600)
     output = result.stdout + result.stderr
@@ -374,7 +272,7 @@ def test_fused_loops_are_optional(monkeypatch):
     """Without numba (an optional dependency) the NumPy code runs, and
     backend_info says so; float16 never takes the loops."""
     assert _fused.pool_loops(np.dtype(np.float16)) is None
-    x = make_input(np.random.default_rng(4), (2, 3, 6, 5), np.float32, "nan")
+    x = reference.pool_input(np.random.default_rng(4), (2, 3, 6, 5), np.float32, "nan")
     g = np.arange(2 * 3 * 3 * 5, dtype=np.float32).reshape(2, 3, 3, 5)
     want = cc.max_pool2d_backward(g, x, (2, 1), layout="NCHW")
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba fails
@@ -414,7 +312,7 @@ def test_fused_loops_without_a_cache_directory(monkeypatch):
         _fused._compiled.cache_clear()
 
 
-def test_ties_pick_the_first_and_nans_the_last(cpu_loops):
+def test_ties_pick_the_first_and_nans_the_last(path):
     x = np.array([[1.0, 5.0, 5.0, 2.0],
                   [5.0, 0.0, np.nan, np.nan],
                   [-np.inf, -np.inf, 7.0, np.nan]]).reshape(1, 1, 3, 4)
@@ -439,7 +337,7 @@ def test_ties_pick_the_first_and_nans_the_last(cpu_loops):
                                                             [0, 2, 0, 2, 0, 2]])
 
 
-def test_padding_is_never_picked(cpu_loops):
+def test_padding_is_never_picked(path):
     """-inf and integer minima inside the image beat the implicit padding."""
     x = np.full((1, 1, 3, 3), -np.inf)
     _, at = cc.max_pool2d(x, 3, stride=1, padding=1, layout="NCHW", return_indices=True)
@@ -450,7 +348,7 @@ def test_padding_is_never_picked(cpu_loops):
     np.testing.assert_array_equal(at.ravel(), [0, 0, 0, 0])
 
 
-def test_gradient_reaches_nan_and_inf_exactly(cpu_loops):
+def test_gradient_reaches_nan_and_inf_exactly(path):
     """Picked gradients are copied bit for bit, unpicked elements get +0."""
     x = np.array([1.0, 2.0, 3.0, 0.0, 5.0, 5.0]).reshape(1, 6, 1, 1)
     g = np.array([np.inf, np.nan, -0.0]).reshape(1, 3, 1, 1)
@@ -461,7 +359,7 @@ def test_gradient_reaches_nan_and_inf_exactly(cpu_loops):
         assert all(v == 0 and not np.signbit(v) for v in grad[[0, 3, 5]])
 
 
-def test_indices_outside_their_window_contribute_nothing(cpu_loops):
+def test_indices_outside_their_window_contribute_nothing(path):
     x = np.arange(8.0).reshape(1, 4, 2, 1)
     g = np.ones((1, 2, 2, 1))
     bogus = np.array([0, 1, 2, 3]).reshape(1, 2, 2, 1)  # second row of windows points up
@@ -473,7 +371,7 @@ def test_indices_outside_their_window_contribute_nothing(cpu_loops):
     np.testing.assert_array_equal(grad.ravel(), [0] * 7 + [1])
 
 
-def test_odd_layouts_of_the_input(cpu_loops):
+def test_odd_layouts_of_the_input(path):
     """Non-contiguous views and non-native byte order give the same result."""
     rng = np.random.default_rng(5)
     base = rng.standard_normal((2, 9, 6, 8))
@@ -486,11 +384,11 @@ def test_odd_layouts_of_the_input(cpu_loops):
     assert cc.max_pool2d(x, 3, 1, 1).flags.c_contiguous
 
 
-def test_2x1_backward_of_read_only_and_broadcast_inputs(cpu_loops):
+def test_2x1_backward_of_read_only_and_broadcast_inputs(path):
     """Read-only arrays (numba compiles other variants for them) and
     broadcast views give the gradient of their contiguous copies."""
     rng = np.random.default_rng(8)
-    x = np.broadcast_to(make_input(rng, (2, 6, 1, 3), np.float32, "nan"), (2, 6, 5, 3))
+    x = np.broadcast_to(reference.pool_input(rng, (2, 6, 1, 3), np.float32, "nan"), (2, 6, 5, 3))
     g = rng.standard_normal((2, 3, 5, 3)).astype(np.float32)
     _, at = cc.max_pool2d(x, (2, 1), return_indices=True)
     want = cc.max_pool2d_backward(g, np.ascontiguousarray(x), (2, 1))
@@ -500,7 +398,7 @@ def test_2x1_backward_of_read_only_and_broadcast_inputs(cpu_loops):
         np.testing.assert_array_equal(cc.max_pool2d_backward(g, x, (2, 1), indices=indices), want)
 
 
-def test_empty_batch_and_channels(cpu_loops):
+def test_empty_batch_and_channels(path):
     out, at = cc.max_pool2d(np.zeros((0, 4, 4, 3)), 2, return_indices=True)
     assert out.shape == at.shape == (0, 2, 2, 3)
     out = cc.max_pool2d(np.zeros((2, 0, 5, 4), np.int8), (2, 1), layout="NCHW")
@@ -556,14 +454,14 @@ def test_bad_arguments(call, error, match):
 
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_matches_torch(config, layout, cpu_loops):
+def test_matches_torch(config, layout, path):
     torch = pytest.importorskip("torch")
     kernel_size, stride, padding, dilation, ceil_mode, hw = config
     rng = np.random.default_rng(11)
     for kind, dtype in (("random", np.float32), ("ties", np.float64),
                         ("-inf", np.float32), ("ties", np.float16),
                         ("nan", np.float32), ("nan", np.float64)):
-        x = make_input(rng, (2, 3) + hw, dtype, kind)
+        x = reference.pool_input(rng, (2, 3) + hw, dtype, kind)
         t = torch.from_numpy(x).requires_grad_()
         want, want_at = torch.nn.functional.max_pool2d(
             t, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode,
@@ -578,9 +476,9 @@ def test_matches_torch(config, layout, cpu_loops):
 
 
 @pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.int32, np.int64])
-def test_integers_match_torch(dtype, cpu_loops):
+def test_integers_match_torch(dtype, path):
     torch = pytest.importorskip("torch")
-    x = make_input(np.random.default_rng(2), (2, 3, 7, 6), dtype, "random")
+    x = reference.pool_input(np.random.default_rng(2), (2, 3, 7, 6), dtype, "random")
     for config in (CONFIGS[2], CONFIGS[5], CONFIGS[8]):
         kernel_size, stride, padding, dilation, ceil_mode, _ = config
         want, want_at = torch.nn.functional.max_pool2d(
@@ -591,173 +489,3 @@ def test_integers_match_torch(dtype, cpu_loops):
         np.testing.assert_array_equal(at, want_at.numpy())
 
 
-# ---- CUDA kernels on the CPU executor, against the NumPy path -------------------------
-
-# Shapes chosen so that each kernel meets both of its paths: 16-byte packs
-# (row length W*C, or W for NCHW, a multiple of 16 bytes) and single elements.
-KERNEL_CASES = {
-    "2x1 packs": ("NHWC", (2, 5, 2, 16), ((2, 1), None, 0, 1, True)),
-    "2x1 elements": ("NCHW", (1, 2, 4, 3), ((2, 1), None, 0, 1, False)),
-    "window": ("NCHW", (1, 2, 5, 4), ((3, 2), (2, 1), (1, 1), (1, 2), True)),
-    "window NHWC": ("NHWC", (1, 4, 5, 2), (3, 1, 1, 1, False)),
-}
-
-
-def _kernel_input(dtype, shape):
-    """Ties, NaN, -inf, and subnormals and signed zeros (which a flushing
-    float comparison would get wrong) among small integers; the first two
-    rows of the first plane all NaN, so that windows hold several."""
-    x = make_input(np.random.default_rng(1), shape, dtype, "ties")
-    if np.dtype(dtype).kind == "f":
-        x.flat[::7] = np.nan
-        x.flat[3::11] = -np.inf
-        tiny = np.finfo(dtype).smallest_subnormal
-        x.flat[1::5] = tiny
-        x.flat[2::9] = -tiny
-        x.flat[4::13] = -0.0
-        x.flat[5::17] = 0.0
-        x[0, 0, :2] = np.nan
-    return x
-
-
-@contextlib.contextmanager
-def numpy_path():
-    """The NumPy path, even while the CPU executor provides the kernels."""
-    with _kernels.use_provider(_kernels.CupyProvider()):
-        assert not _backend.use_kernels(np)
-        yield
-
-
-def _window_args(window):
-    return dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), window))
-
-
-def _forward_both(x, layout, window, to_device):
-    """(NumPy path, kernels) results of max_pool2d with indices."""
-    args = _window_args(window)
-    with numpy_path():
-        want = cc.max_pool2d(x, layout=layout, return_indices=True, **args)
-    got = cc.max_pool2d(to_device(x), layout=layout, return_indices=True, **args)
-    return want, tuple(cc.asnumpy(g) for g in got)
-
-
-def _backward_both(x, layout, window, to_device):
-    """NumPy path's gradient, and the kernels' from x and from indices."""
-    args = _window_args(window)
-    with numpy_path():
-        out, at = cc.max_pool2d(x, layout=layout, return_indices=True, **args)
-        g = np.random.default_rng(2).standard_normal(out.shape).astype(x.dtype)
-        want = cc.max_pool2d_backward(g, x, layout=layout, **args)
-    got = [cc.max_pool2d_backward(to_device(g), to_device(x), layout=layout,
-                                  indices=indices, **args)
-           for indices in (None, to_device(at))]
-    return want, [cc.asnumpy(r) for r in got]
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_forward_kernels(cpu_kernels, dtype):
-    """Both forward kernels, every dtype, exactly as the NumPy path."""
-    assert _backend.use_kernels(np)
-    cases = ["2x1 packs", "window"]
-    if dtype in (np.float16, np.int64, np.uint8):
-        cases.append("2x1 elements")
-    for case in cases:
-        layout, shape, window = KERNEL_CASES[case]
-        want, got = _forward_both(_kernel_input(dtype, shape), layout, window,
-                                  np.asarray)
-        np.testing.assert_array_equal(got[0], want[0], err_msg=case)
-        np.testing.assert_array_equal(got[1], want[1], err_msg=case)
-
-
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_backward_kernels(cpu_kernels, dtype):
-    """Both gradient kernels, from x and from indices, exactly as NumPy
-    (overlapping windows: sums in the same order, float16 in float32)."""
-    for case in ("2x1 packs", "window NHWC"):
-        layout, shape, window = KERNEL_CASES[case]
-        want, got = _backward_both(_kernel_input(dtype, shape), layout, window,
-                                   np.asarray)
-        for g in got:
-            np.testing.assert_array_equal(g, want, err_msg=case)
-
-
-@pytest.mark.parametrize("stride", [(2**61, 1), (2, 2**61)])
-def test_a_stride_longer_than_the_input(cpu_kernels, stride):
-    """One window along an axis whatever the stride: kernels (64-bit index
-    math) and NumPy path agree, values, indices and gradients."""
-    x = _kernel_input(np.float32, (2, 5, 4, 3))
-    window = ((2, 2), stride, 0, 1, False)
-    want, got = _forward_both(x, "NHWC", window, np.asarray)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])
-    want, got = _backward_both(x, "NHWC", window, np.asarray)
-    for g in got:
-        np.testing.assert_array_equal(g, want)
-
-
-def test_2x1_kernels_fall_back_on_misaligned_buffers(cpu_kernels):
-    """A contiguous input that does not start on 16 bytes takes the
-    element-wise path and still matches."""
-    x = _kernel_input(np.float32, (1, 3, 2, 4))
-    buffer = np.empty(x.size + 1, np.float32)
-    shifted = buffer[1:].reshape(x.shape)
-    shifted[...] = x
-    assert shifted.ctypes.data % 16 != 0 and shifted.flags.c_contiguous
-    window = ((2, 1), None, 0, 1, True)
-    want, got = _forward_both(x, "NHWC", window, lambda a: shifted)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])
-    want, got = _backward_both(x, "NHWC", window,
-                               lambda a: shifted if a.shape == x.shape else a)
-    np.testing.assert_array_equal(got[0], want)
-
-
-@pytest.mark.parametrize("case", ["2x1 packs", "2x1 elements"])
-def test_2x1_kernels_64_bit_index_path(cpu_kernels, monkeypatch, case):
-    """Arrays of 2**31 elements and more split positions with 64-bit
-    divisions; shown here on small inputs by lowering the threshold."""
-    monkeypatch.setattr(_kernels, "FAST_INDEX_LIMIT", 0)
-    layout, shape, window = KERNEL_CASES[case]
-    x = _kernel_input(np.float32, shape)
-    want, got = _forward_both(x, layout, window, np.asarray)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])
-    want, got = _backward_both(x, layout, window, np.asarray)
-    for g in got:
-        np.testing.assert_array_equal(g, want)
-
-
-# ---- GPU ---------------------------------------------------------------------------
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("case", sorted(KERNEL_CASES))
-def test_gpu_matches_numpy(gpu, case, dtype):
-    cupy = gpu
-    layout, shape, window = KERNEL_CASES[case]
-    # Larger than the executor shapes: many blocks, both layouts' fast paths.
-    shape = (shape[0] * 8,) + shape[1:]
-    x = _kernel_input(dtype, shape)
-    want, got = _forward_both(x, layout, window, cupy.asarray)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])
-    if np.dtype(dtype).kind == "f":
-        want, got = _backward_both(x, layout, window, cupy.asarray)
-        for g in got:
-            np.testing.assert_array_equal(g, want)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-def test_gpu_2x1_realistic_size(gpu, layout):
-    cupy = gpu
-    x = np.random.default_rng(0).standard_normal((64, 32, 15, 64), dtype=np.float32)
-    x = to_layout(x.transpose(0, 3, 1, 2), layout)
-    want = cc.max_pool2d(x, (2, 1), layout=layout, return_indices=True)
-    got = cc.max_pool2d(cupy.asarray(x), (2, 1), layout=layout, return_indices=True)
-    np.testing.assert_array_equal(got[0].get(), want[0])
-    np.testing.assert_array_equal(got[1].get(), want[1])
-    g = np.ones(want[0].shape, np.float32)
-    np.testing.assert_array_equal(
-        cc.max_pool2d_backward(cupy.asarray(g), cupy.asarray(x), (2, 1), layout=layout).get(),
-        cc.max_pool2d_backward(g, x, (2, 1), layout=layout))
