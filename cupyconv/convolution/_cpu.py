@@ -28,20 +28,15 @@ from .. import _args, _kernels, _parallel
 
 #: Elements of the gathered matrix per block (2 MiB of float32): peak memory
 #: stays bounded for any input, the block stays near its core's caches
-#: between the gather and the product, and BLAS calls stay few.  Measured on
-#: 2 cores, blocks shared among them (seed layer 2 forward, ResNet 3x3
-#: forward): 40.8 / 11.4 ms at 2**19 against 41.1 / 11.9 ms at 2**20 and
-#: 41.7 / 11.7 ms at 2**18.
+#: between the gather and the product, and BLAS calls stay few (figures:
+#: docs/kernels.rst, convolution's design notes).
 _BLOCK_ELEMENTS = 2**19
 
 #: Blocks per core to aim for (see :func:`_blocks`), so that a core that
 #: finishes early takes another, and smallest block worth splitting work
 #: into: below it per-call overheads would eat the gain.  Each block also
-#: costs its thread a wait for the GIL now and then, tens of microseconds
-#: when the other thread holds it and this core has gone idle.  Measured on
-#: 2 cores (seed layer 1 / 20-day layer 1 / layer 2 at N=4, forward): 1.16 /
-#: 0.93 / 1.50 ms at 2 blocks per core against 1.22 / 0.99 / 1.55 ms at 4;
-#: 1 per core is faster still but leaves a slowed core nothing to hand over.
+#: costs its thread a wait for the GIL now and then; 1 block per core would
+#: leave a slowed core nothing to hand over (figures: docs/kernels.rst).
 _BLOCKS_PER_CORE = 2
 _MIN_SHARED_BLOCK_ELEMENTS = 2**16
 
@@ -50,8 +45,7 @@ _MIN_SHARED_BLOCK_ELEMENTS = 2**16
 #: which OpenBLAS first clears and then adds to.  They run as a stack of row
 #: chunks whose output takes about ``_CHUNK_OUTPUT_BYTES``, so that both
 #: passes stay in the core's L2 cache (one call still: the stack is looped
-#: over in C).  Measured on 2 cores, forward: seed layer 1 1.34 -> 1.16 ms,
-#: 20-day layer 1 1.07 -> 0.93 ms; 64 and 256 KiB chunks do about as well.
+#: over in C; figures: docs/kernels.rst).
 _SHORT_REDUCTION = 32
 _CHUNK_OUTPUT_BYTES = 1 << 17
 
@@ -203,10 +197,9 @@ def _gather_tap_major(geom):
     """Whether to lay gathered matrices out tap-major (see :func:`_blocks`):
     with few channels per group, a pixel-major row is copied in runs of only
     ``kw*C_in/groups`` elements, while a tap-major row is a shifted image
-    copied in runs of ``OW``.  Measured on 2 cores: 1.9x faster forwards and
-    1.6x faster weight gradients at 1 channel, break-even near 4.  The input
-    gradient's scatter-add back from the matrix is slower tap-major at every
-    channel count, so it always uses pixel-major."""
+    copied in runs of ``OW``.  The input gradient's scatter-add back from the
+    matrix is slower tap-major at every channel count, so it always uses
+    pixel-major (figures: docs/kernels.rst, convolution's design notes)."""
     return geom.in_channels // geom.groups <= _TAP_MAJOR_MAX_CHANNELS
 
 

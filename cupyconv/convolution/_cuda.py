@@ -41,10 +41,8 @@ _BY_TAPS_WORKSPACE_BYTES = 1 << 28
 # Split-K of the weight gradient: enough blocks to keep a large GPU busy,
 # but each split at least _MIN_SPLIT_SLICES slices deep so that the partial
 # sums cost little next to the products, and a bounded workspace (about
-# _TARGET_BLOCKS 64 x 64 tiles of partial sums at most).  On an H200, at
-# most 256 splits rather than 64 took the weight gradient of the seed
-# 20-day first layer (15 taps x 64 channels: one tile) from 337 to 194 us,
-# the seed first layer's from 225 to 182 us (synchronised calls).
+# _TARGET_BLOCKS 64 x 64 tiles of partial sums at most).  A first layer's
+# gradient is one tile, so it needs many splits (figures: docs/kernels.rst).
 _TARGET_BLOCKS = 1024
 _MIN_SPLIT_SLICES = 8
 _MAX_SPLITS = 256

@@ -154,10 +154,8 @@ def _backward(grad_out, indices, pool):
 
 #: Channels per pixel (C in NHWC, 1 in NCHW) from which the fused loops of
 #: the general window run a pixel at a time, vectorised along C, rather than
-#: an element at a time.  Measured on the 3x3 window, stride 2 (one thread,
-#: the 2-vCPU AMD EPYC): the forward by pixels took 2.5x the time of the one
-#: by elements at C = 1, 0.66x at C = 4; the backward by taps 8.9x the time
-#: of the one by windows at C = 1, 0.94x at C = 16, 0.62x at C = 32.
+#: an element at a time: where each loop overtakes the other (figures:
+#: docs/kernels.rst, pooling's design notes).
 _FUSED_FORWARD_PIXELS = 4
 _FUSED_BACKWARD_PIXELS = 32
 

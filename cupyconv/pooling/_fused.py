@@ -99,8 +99,8 @@ def _jit_loops(jit):
 # type: a literal 0 would be int64, which numba unifies with uint64 as
 # float64.  Elements are loaded before the comparisons and stored through
 # conditional expressions, not if statements, so that LLVM vectorises the
-# picks as selects: a branch per element, mispredicted on random data, ran
-# eight times slower.
+# picks as selects: a branch per element is mispredicted on random data
+# (docs/kernels.rst, pooling's design notes).
 
 def _pool2x1_forward(rows, columns, width, best, best_at, first, stop):
     """Each window's pick into ``best`` and its position ``h*W + w`` into
@@ -162,7 +162,7 @@ def _pool2x1_backward_from_indices(picks, columns, width, grads, grad_rows,
 # single elements.  The pixel loops index slices of ``inner`` elements with
 # the loop counter: numba indexes with a computed index (``w * inner + c``)
 # through a check for negative indices, which LLVM turns into gathers and
-# scatters, ten times slower.  Taps count in row-major window order, as in
+# scatters (docs/kernels.rst).  Taps count in row-major window order, as in
 # the NumPy code and the CUDA kernels; a window's first tap inside the image
 # is its first candidate, so padding is never picked.
 
