@@ -12,7 +12,8 @@ gives with ``path.on_numpy``.
 Every test that runs kernels on the CPU (the ``cpu_kernels`` fixture, or
 ``path`` on ``"cpu_kernels"``) is given the ``cpu_kernels`` marker, so
 ``pytest -m cpu_kernels`` selects exactly the CPU-executed kernel tests
-(test_kernels_cpu.py re-runs them that way under AddressSanitizer).  Tests
+(test_kernels_cpu.py re-runs them that way under AddressSanitizer), and
+those on ``"gpu"`` the ``gpu`` marker (``pytest -m gpu``).  Tests
 marked ``run_last`` run after all others (the kernel coverage test reads
 what the others launched).  Float64 references and case records live in
 ``reference.py``.
@@ -58,6 +59,8 @@ def pytest_collection_modifyitems(session, config, items):
         on_path = getattr(item, "callspec", None) and item.callspec.params.get("path")
         if "cpu_kernels" in getattr(item, "fixturenames", ()) or on_path == "cpu_kernels":
             item.add_marker(pytest.mark.cpu_kernels)
+        if on_path == "gpu":
+            item.add_marker(pytest.mark.gpu)
     items.sort(key=lambda item: item.get_closest_marker("run_last") is not None)
     collected = {item.path for item in items}
     if any(path not in collected for path in TESTS_DIR.glob("test_*.py")):
@@ -74,9 +77,14 @@ PATHS = ("numpy", "numba", "cpu_kernels", "gpu")
 
 
 def pytest_generate_tests(metafunc):
-    if "path" in metafunc.fixturenames:
-        marker = metafunc.definition.get_closest_marker("paths")
-        metafunc.parametrize("path", marker.args if marker else PATHS, indirect=True)
+    if "path" not in metafunc.fixturenames:
+        return
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        names = marker.args[0]
+        if "path" in ([n.strip() for n in names.split(",")] if isinstance(names, str) else names):
+            return  # a test's own argument named path, not this fixture
+    marker = metafunc.definition.get_closest_marker("paths")
+    metafunc.parametrize("path", marker.args if marker else PATHS, indirect=True)
 
 
 class Path:

@@ -274,8 +274,9 @@ class ConvCase:
                 conv2d_weight(x, grad_out, w.shape, *params))
 
     def __repr__(self):
-        return (f"{self.layout} {self.dtype.name} x{self.x_shape} w{self.w_shape} "
-                f"s{self.stride} p{self.padding} d{self.dilation} g{self.groups}")
+        return (f"N{self.n}_{self.h}x{self.w}_{self.c_in}to{self.c_out}_k{self.kernel}"
+                f"_s{self.stride}_p{self.padding}_d{self.dilation}_g{self.groups}"
+                f"_{self.layout}_{self.dtype.name}")
 
 
 #: Convolutions of every argument form (NHWC float64; ``replace`` changes
