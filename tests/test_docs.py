@@ -11,6 +11,7 @@ import doctest
 import importlib
 import inspect
 import io
+import os
 import pathlib
 import re
 import subprocess
@@ -125,3 +126,19 @@ def test_sphinx_build_is_clean(tmp_path):
         f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
     )
     assert (tmp_path / "html" / "api.html").is_file()
+
+
+def test_tuning_script_runs():
+    """docs/tuning.py, which reproduces the design notes' figures, lists its
+    experiments and runs one (the kernels page names each of them)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    listed = subprocess.run([sys.executable, str(DOCS / "tuning.py")], env=env,
+                            capture_output=True, text=True, check=True).stdout
+    names = [line.split(":")[0] for line in listed.splitlines()]
+    page = (DOCS / "kernels.rst").read_text()
+    assert names and all(f"docs/tuning.py {name}" in " ".join(page.split()) for name in names)
+    out = subprocess.run([sys.executable, str(DOCS / "tuning.py"), "dilation-runs",
+                          "--rounds", "1"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert re.search(r"runs of 16: [\d.]+ ms, elements: [\d.]+ ms", out), out
