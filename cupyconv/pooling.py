@@ -157,7 +157,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
 
     Notes
     -----
-    On the CPU, where numba is installed (``pip install "cupyconv[jit]"``),
+    On the CPU, where numba is installed (the ``jit`` extra),
     every dtype but float16 runs in loops it compiles
     (:mod:`cupyconv._fused`) rather than in NumPy's ufuncs, with the same
     results: several times faster for windows other than 2x1, and for the
@@ -251,7 +251,7 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
 
     Notes
     -----
-    On the CPU, where numba is installed (``pip install "cupyconv[jit]"``),
+    On the CPU, where numba is installed (the ``jit`` extra),
     the work runs in loops it compiles (:mod:`cupyconv._fused`) rather
     than in NumPy's ufuncs, with the same result bit for bit; see
     :func:`max_pool2d`.
