@@ -311,7 +311,8 @@ def pool_output_shape(size, kernel, stride, padding, dilation, ceil_mode):
     """``(OH, OW)`` of a 2-D max-pool of an ``(H, W)`` image (all ``(h, w)``
     pairs), per axis ``pool_output_size``.  Every window must hold at least one
     input element: a dilated window whose taps all fall in the padding or step
-    over the image (which PyTorch answers with -inf and a meaningless index) is
+    over the image (which PyTorch answers with -inf and a meaningless index),
+    or over an axis of length 0 (see :func:`check_window_fits`), is
     rejected."""
     if not isinstance(ceil_mode, (bool, numpy.bool_)):
         raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
@@ -324,7 +325,7 @@ def pool_output_shape(size, kernel, stride, padding, dilation, ceil_mode):
             unit = ("row", "column")[axis]
             raise ValueError(
                 f"x has 0 {unit}s: its {_count(out, 'window')} along {name} "
-                f"would hold padding {p} only"
+                f"would hold only padding ({p} on each side)"
             )
         # A window starting at or after row/column 0 holds its first tap
         # (the last window starts before the end, see pool_output_size), so

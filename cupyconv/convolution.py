@@ -276,7 +276,8 @@ def conv2d_weight(x, weight_shape, grad_out, stride=1, padding=0,
     x : array_like
         Input of the convolution, as for :func:`conv2d`.
     weight_shape : sequence of int
-        Shape of ``w``, in ``layout`` (a tuple, a list, a 1-D integer array): ``(kh, kw, C_in // groups, C_out)`` or
+        Shape of ``w``, in ``layout`` (a tuple, a list, a 1-D integer
+        array): ``(kh, kw, C_in // groups, C_out)`` or
         ``(C_out, C_in // groups, kh, kw)``.
     grad_out : array_like
         Gradient with respect to the convolution's output, of its shape;

@@ -208,10 +208,10 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
 
     The arguments come in the order of :func:`max_pool2d` after
     ``grad_out, x``; ``ceil_mode``, ``layout`` and ``indices`` are
-    keyword-only.  Each window's gradient goes to the one element it picked (its first
-    maximum, or last NaN) and is summed where windows overlap, in a fixed
-    order, so results are deterministic.  Tied elements other than the pick
-    get nothing.  Shapes: ``grad_out`` is ``max_pool2d(x, ...)``'s output
+    keyword-only.  Each window's gradient goes to the one element it
+    picked (its first maximum, or last NaN) and is summed where windows
+    overlap, in a fixed order, so results are deterministic.  Tied elements
+    other than the pick get nothing.  Shapes: ``grad_out`` is ``max_pool2d(x, ...)``'s output
     shape; the result is ``x.shape``.
 
     Parameters

@@ -13,18 +13,30 @@ from conftest import TESTS_DIR
 
 PACKAGE_ROOT = str(pathlib.Path(cc.__file__).resolve().parent.parent)
 
+NO_CUPY = """\
+import sys
+
+
+class NoCuPy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "cupy" or name.startswith(("cupy.", "cupy_backends", "cupyx")):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, NoCuPy())
+"""
+
 
 def test_every_test_file_is_collected_without_cupy(tmp_path):
     # Python imports sitecustomize at start-up: there, `import cupy` is made
     # to fail as it does where CuPy is not installed.
-    (tmp_path / "sitecustomize.py").write_text(
-        "import sys\nsys.modules['cupy'] = None  # import cupy: ModuleNotFoundError\n")
+    (tmp_path / "sitecustomize.py").write_text(NO_CUPY)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(tmp_path), PACKAGE_ROOT, env.get("PYTHONPATH")]))
     check = subprocess.run([sys.executable, "-c", "import cupy"], env=env,
                            capture_output=True, text=True, timeout=120)
-    assert "ModuleNotFoundError" in check.stderr, check.stderr
+    assert "ModuleNotFoundError: No module named 'cupy'" in check.stderr, check.stderr
 
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
