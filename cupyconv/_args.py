@@ -4,6 +4,7 @@ rules (output sizes, padding forms, windows) live in its ``_geometry``
 module.
 """
 
+import collections.abc
 import math
 import operator
 
@@ -25,27 +26,50 @@ MAX_ELEMENTS = 2**60
 
 
 def as_int(value, name):
-    """``value`` as a Python int; bools, floats and other types are rejected,
-    and so are magnitudes of :data:`LIMIT` or more."""
-    if isinstance(value, (bool, numpy.bool_)):
+    """``value`` as a Python int: anything NumPy takes as an integer (a Python
+    or NumPy integer, a 0-d integer array, an object with ``__index__``).
+    Bools, floats and other types are rejected, and so are magnitudes of
+    :data:`LIMIT` or more."""
+    dtype = getattr(value, "dtype", None)
+    if isinstance(value, (bool, numpy.bool_)) or (
+            isinstance(dtype, numpy.dtype) and dtype.kind == "b"):
         raise TypeError(f"{name} must be an integer, not bool")
     try:
         result = operator.index(value)
     except TypeError:
+        described = type(value).__name__
+        if isinstance(dtype, numpy.dtype):
+            described += f" of {dtype}"
         raise TypeError(
-            f"{name} must be an integer, not {type(value).__name__} ({value!r})"
+            f"{name} must be an integer, not {described} ({value!r})"
         ) from None
     if abs(result) >= LIMIT:
         raise ValueError(f"{name} must be below 2**62 in magnitude, got {result}")
     return result
 
 
+def as_sequence(value):
+    """The entries of ``value`` as a tuple if it is a sequence -- a tuple, a
+    list, an array of one or more dimensions (as nested lists), any other
+    non-string sequence -- else None: a scalar, a 0-d array."""
+    if isinstance(value, (str, bytes)):
+        return None
+    if isinstance(value, collections.abc.Sequence):
+        return tuple(value)
+    if getattr(value, "ndim", 0) and hasattr(value, "tolist"):
+        return tuple(value.tolist())
+    return None
+
+
 def pair(value, name, minimum=None):
-    """``value`` (an int or a length-2 sequence of ints) as a tuple ``(a, b)``.
+    """``value`` (an int or a length-2 sequence of ints, see
+    :func:`as_sequence`) as a tuple ``(a, b)``.
 
     With ``minimum`` set, both entries must be at least ``minimum``.
     """
-    if isinstance(value, (tuple, list)):
+    entries = as_sequence(value)
+    if entries is not None:
+        value = entries
         if len(value) != 2:
             raise ValueError(
                 f"{name} must be an int or a pair of ints, got {len(value)} "
@@ -63,8 +87,8 @@ def pair(value, name, minimum=None):
 def normalize_axes(axes, ndim, name="axes"):
     """``axes`` (an int or a sequence of ints, negatives allowed) as a tuple of
     distinct non-negative axes of an ``ndim``-dimensional array."""
-    if not isinstance(axes, (tuple, list)):
-        axes = (axes,)
+    entries = as_sequence(axes)
+    axes = (axes,) if entries is None else entries
     result = []
     for i, axis in enumerate(axes):
         axis = as_int(axis, f"{name}[{i}]")
@@ -81,7 +105,9 @@ def normalize_axes(axes, ndim, name="axes"):
 
 def per_axis(value, count, name, minimum=0):
     """``value`` (an int or one int per axis) as a tuple of ``count`` ints."""
-    if isinstance(value, (tuple, list)):
+    entries = as_sequence(value)
+    if entries is not None:
+        value = entries
         if len(value) != count:
             raise ValueError(
                 f"{name} has {len(value)} entries but axes has {count}"
@@ -146,6 +172,29 @@ def activation_shape(n, c, hw, layout):
     return (n, h, w, c) if layout == "NHWC" else (n, c, h, w)
 
 
+def float_operands(xp, **operands):
+    """The named operands (``None`` stays ``None``) as ``xp`` arrays in the
+    machine's byte order (see :func:`native`).
+
+    Operands given without a dtype -- Python numbers, lists, tuples -- adapt
+    to the float dtype of the first operand that has one, as NumPy's "weak"
+    Python scalars do (NEP 50): ``conv2d(x32, w32, [0.5, 0, -1, 2])`` adds a
+    float32 bias.  Operands with a dtype keep it, so a float64 array next to
+    a float32 one is still an error of :func:`common_float_dtype`.
+    """
+    arrays = {name: None if value is None else native(value, xp)
+              for name, value in operands.items()}
+    strong = [arrays[name].dtype for name, value in operands.items()
+              if value is not None and hasattr(value, "dtype")]
+    target = next((dtype for dtype in strong if dtype in FLOAT_DTYPES), None)
+    if target is not None:
+        for name, value in operands.items():
+            a = arrays[name]
+            if a is not None and not hasattr(value, "dtype") and a.dtype.kind in "iuf":
+                arrays[name] = a.astype(target)
+    return tuple(arrays.values())
+
+
 def common_float_dtype(**arrays):
     """The one floating dtype (float16/32/64) shared by every non-None array."""
     dtypes = {name: a.dtype for name, a in arrays.items() if a is not None}
@@ -160,12 +209,42 @@ def common_float_dtype(**arrays):
     return next(iter(dtypes.values()))
 
 
+def plural(n, unit):
+    """``n`` and ``unit``, pluralised: "1 row", "3 rows"."""
+    return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
+
+
+def check_window_fits(out, axis, size, padding, kernel, dilation, kernel_name,
+                      input_name):
+    """Raise ``ValueError`` unless ``out`` outputs along ``axis`` (0: H, 1: W)
+    make sense: at least one, or none from an input with no element along
+    the axis (a 1-row kernel, or 'same' padding, over 0 rows gives 0 rows).
+    The message says which window is longer than which padded input;
+    ``kernel`` and ``dilation`` are ``(h, w)`` pairs, ``padding`` is
+    ``(before, after)`` along the axis, and ``kernel_name`` and
+    ``input_name`` name the arguments they came from."""
+    if out >= 1 or (out == 0 and size == 0):
+        return
+    unit = ("row", "column")[axis]
+    before, after = padding
+    span = dilation[axis] * (kernel[axis] - 1) + 1
+    raise ValueError(
+        f"{kernel_name} {tuple(kernel)} with dilation {tuple(dilation)} spans "
+        f"{plural(span, unit)}, more than the {plural(size + before + after, unit)} "
+        f"of the padded input ({input_name}'s {plural(size, unit)} + padding "
+        f"{before}+{after})"
+    )
+
+
 def shape_arg(value, ndim, name):
-    """``value`` (a sequence of ``ndim`` non-negative ints) as a tuple."""
-    if not isinstance(value, (tuple, list)):
+    """``value`` (a sequence of ``ndim`` non-negative ints, see
+    :func:`as_sequence`: a tuple, a list, a 1-D integer array) as a tuple."""
+    entries = as_sequence(value)
+    if entries is None:
         raise TypeError(
-            f"{name} must be a tuple of {ndim} ints, got {type(value).__name__}"
+            f"{name} must be a sequence of {ndim} ints, got {type(value).__name__}"
         )
+    value = entries
     if len(value) != ndim:
         raise ValueError(
             f"{name} must have {ndim} entries, got {len(value)}: {tuple(value)!r}"

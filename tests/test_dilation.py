@@ -150,7 +150,7 @@ def test_object_and_string_dtypes_work_on_the_cpu():
         (dict(axes=0, dilation=2, shape=(6, 3)), ValueError, r"shape\[0\] = 6 is too small"),
         (dict(axes=0, dilation=2, shape=(7,)), ValueError, "shape must have 2 entries"),
         (dict(axes=0, dilation=2, shape=(7, 4)), ValueError, r"shape\[1\] = 4 differs"),
-        (dict(axes=0, dilation=2, shape=7), TypeError, "shape must be a tuple"),
+        (dict(axes=0, dilation=2, shape=7), TypeError, "shape must be a sequence"),
         (dict(axes=0, dilation=2, shape=(7, -3)), ValueError, "shape entries must be >= 0"),
         (dict(axes=0, dilation=2, shape=(2**60, 3)), ValueError, "shape: the result would have"),
     ],

@@ -379,7 +379,7 @@ def plot_ratios(result, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return ("No plot: matplotlib is not installed "
-                "(`pip install cupyconv[plot]` adds it).")
+                "(the plot extra, `pip install \".[plot]\"` in a checkout, adds it).")
     groups = []  # (label, [(peer key, ratio)]) per case, peers in table order
     for record in result["results"]:
         if record["group"] == "sweep":

@@ -11,7 +11,7 @@ from . import _cpu, _cuda, _geometry
 __all__ = ["conv2d", "conv2d_input", "conv2d_weight"]
 
 
-def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
+def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
            layout="NHWC"):
     """2-D convolution (cross-correlation, as in deep learning) with a
     rectangular kernel.
@@ -28,6 +28,13 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
         OH = (H + top + bottom - dh*(kh - 1) - 1) // sh + 1
         OW = (W + left + right - dw*(kw - 1) - 1) // sw + 1
 
+    which must be at least 1, or 0 along an axis where ``x`` has no element
+    (a 1-row kernel, or ``'same'`` padding, over 0 rows gives 0 rows).  Any
+    other axis may be 0 too (batch, channels): the result is then empty, or
+    the bias alone where there is no input channel.  The arguments come in
+    PyTorch's order (``torch.nn.functional.conv2d(input, weight, bias,
+    stride, padding, dilation, groups)``); ``layout`` is keyword-only.
+
     Parameters
     ----------
     x : array_like
@@ -37,9 +44,14 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
         Kernel, ``(kh, kw, C_in // groups, C_out)`` for NHWC (HWIO) or
         ``(C_out, C_in // groups, kh, kw)`` for NCHW (PyTorch's); ``x``'s dtype.
     bias : array_like, optional
-        ``(C_out,)``, added to every output pixel; ``x``'s dtype.
+        ``(C_out,)``, added to every output pixel; ``x``'s dtype.  Any of
+        ``x``, ``w``, ``bias`` given as Python numbers or lists (no dtype of
+        their own) take the float dtype of the others, as NumPy's Python
+        scalars do: ``conv2d(x32, w32, [0.5, 0.0])`` is float32.
     stride : int or (int, int), optional
-        ``(sh, sw)``, each >= 1.
+        ``(sh, sw)``, each >= 1.  Here and in ``padding``, ``dilation`` and
+        ``groups``, any integer NumPy accepts: NumPy integers, 0-d or 1-D
+        integer arrays (``np.array([2, 1])``).
     padding : int, (int, int), ((int, int), (int, int)), 'valid' or 'same'
         Zero padding: ``p`` on every side, ``(ph, pw)`` on both sides of each
         axis, ``((top, bottom), (left, right))``, ``'valid'`` (none) or
@@ -69,7 +81,8 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
         ``x`` or ``w`` not 4-D; ``w``'s input channels times ``groups``
         differing from ``x``'s channels; ``groups`` not dividing ``C_in`` or
         ``C_out``; ``groups``, ``stride`` or ``dilation`` below 1; negative
-        ``padding`` or an unknown padding string; an output size below 1;
+        ``padding`` or an unknown padding string; a dilated kernel longer
+        than the padded input (the message names the arguments and sizes);
         ``bias`` not of shape ``(C_out,)``; an unknown ``layout``.
     TypeError
         Integer or differing dtypes of ``x``, ``w``, ``bias``; non-integer
@@ -102,8 +115,9 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
     (2, 8, 4, 3)
     """
     xp = _backend.dispatch(x=x, w=w, bias=bias)
-    x, w = _args.native_4d(x, "x", xp), _args.native_4d(w, "w", xp)
-    bias = None if bias is None else _args.native(bias, xp)
+    x, w, bias = _args.float_operands(xp, x=x, w=w, bias=bias)
+    _args.check_ndim(x, 4, "x")
+    _args.check_ndim(w, 4, "w")
     geom = _geometry.conv2d_geometry(x.shape, w.shape, stride, padding, dilation,
                                  groups, layout)
     _args.common_float_dtype(x=x, w=w, bias=bias)
@@ -117,8 +131,8 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
     return _cpu.forward(x, w, bias, geom)
 
 
-def conv2d_input(input_shape, w, grad_out, *, stride=1, padding=0, dilation=1,
-                 groups=1, layout="NHWC"):
+def conv2d_input(input_shape, w, grad_out, stride=1, padding=0, dilation=1,
+                 groups=1, *, layout="NHWC"):
     """Gradient of a :func:`conv2d` with respect to its input ``x``.
 
     Returns ``d/dx sum(conv2d(x, w, ...) * grad_out)``, which does not depend
@@ -130,14 +144,16 @@ def conv2d_input(input_shape, w, grad_out, *, stride=1, padding=0, dilation=1,
 
     Parameters
     ----------
-    input_shape : tuple of int
-        Shape of ``x``, in ``layout``.  With ``padding='same'`` the padding is
+    input_shape : sequence of int
+        Shape of ``x``, in ``layout``: a tuple, a list or a 1-D integer array
+        (``np.array(x.shape)``).  With ``padding='same'`` the padding is
         worked out from it, as :func:`conv2d` did.
     w : array_like
         Kernel of the convolution, as for :func:`conv2d`.
     grad_out : array_like
         Gradient with respect to the convolution's output: the output's
-        shape, ``(N, OH, OW, C_out)`` or ``(N, C_out, OH, OW)``; ``w``'s dtype.
+        shape, ``(N, OH, OW, C_out)`` or ``(N, C_out, OH, OW)``; ``w``'s dtype
+        (Python numbers or lists take it).
     stride, padding, dilation, groups, layout
         As for :func:`conv2d`.
 
@@ -179,7 +195,8 @@ def conv2d_input(input_shape, w, grad_out, *, stride=1, padding=0, dilation=1,
     array([4.])
     """
     xp = _backend.dispatch(w=w, grad_out=grad_out)
-    w, grad_out = _args.native_4d(w, "w", xp), _args.native(grad_out, xp)
+    w, grad_out = _args.float_operands(xp, w=w, grad_out=grad_out)
+    _args.check_ndim(w, 4, "w")
     input_shape = _args.shape_arg(input_shape, 4, "input_shape")
     geom = _geometry.conv2d_geometry(input_shape, w.shape, stride, padding,
                                  dilation, groups, layout, x_name="input_shape")
@@ -190,8 +207,8 @@ def conv2d_input(input_shape, w, grad_out, *, stride=1, padding=0, dilation=1,
     return _cpu.input_grad(w, grad_out, geom)
 
 
-def conv2d_weight(x, weight_shape, grad_out, *, stride=1, padding=0,
-                  dilation=1, groups=1, layout="NHWC"):
+def conv2d_weight(x, weight_shape, grad_out, stride=1, padding=0,
+                  dilation=1, groups=1, *, layout="NHWC"):
     """Gradient of a :func:`conv2d` with respect to its kernel ``w``.
 
     Returns ``d/dw sum(conv2d(x, w, ...) * grad_out)``, which does not depend
@@ -203,12 +220,13 @@ def conv2d_weight(x, weight_shape, grad_out, *, stride=1, padding=0,
     ----------
     x : array_like
         Input of the convolution, as for :func:`conv2d`.
-    weight_shape : tuple of int
-        Shape of ``w``, in ``layout``: ``(kh, kw, C_in // groups, C_out)`` or
+    weight_shape : sequence of int
+        Shape of ``w``, in ``layout`` (a tuple, a list, a 1-D integer
+        array): ``(kh, kw, C_in // groups, C_out)`` or
         ``(C_out, C_in // groups, kh, kw)``.
     grad_out : array_like
         Gradient with respect to the convolution's output, of its shape;
-        ``x``'s dtype.
+        ``x``'s dtype (Python numbers or lists take it).
     stride, padding, dilation, groups, layout
         As for :func:`conv2d`.
 
@@ -248,7 +266,8 @@ def conv2d_weight(x, weight_shape, grad_out, *, stride=1, padding=0,
     array([4.])
     """
     xp = _backend.dispatch(x=x, grad_out=grad_out)
-    x, grad_out = _args.native_4d(x, "x", xp), _args.native(grad_out, xp)
+    x, grad_out = _args.float_operands(xp, x=x, grad_out=grad_out)
+    _args.check_ndim(x, 4, "x")
     weight_shape = _args.shape_arg(weight_shape, 4, "weight_shape")
     geom = _geometry.conv2d_geometry(x.shape, weight_shape, stride, padding,
                                  dilation, groups, layout, w_name="weight_shape")

@@ -209,8 +209,10 @@ def _blocks(geom):
     output rows of one image -- and at least ``_BLOCKS_PER_CORE`` blocks per
     core where the work allows (blocks are shared among the cores, see
     :mod:`cupyconv._parallel`).  Returns their ``(images, rows)`` index
-    ranges."""
+    ranges; none when the output has no row."""
     oh, ow = geom.out_hw
+    if oh == 0:
+        return []
     kh, kw = geom.kernel
     per_row = max(1, ow * kh * kw * geom.in_channels)
     total = geom.batch * oh * per_row
@@ -336,7 +338,7 @@ def _matmul_into(a, b, out):
     if out.strides[-1] != out.itemsize:
         a, b, out = b.swapaxes(-1, -2), a.swapaxes(-1, -2), out.swapaxes(-1, -2)
     rows, depth = a.shape[-2:]
-    chunk = max(1, _CHUNK_OUTPUT_BYTES // (out.shape[-1] * out.itemsize))
+    chunk = max(1, _CHUNK_OUTPUT_BYTES // max(1, out.shape[-1] * out.itemsize))
     if depth <= _SHORT_REDUCTION and rows >= 2 * chunk:
         whole = rows // chunk * chunk
         numpy.matmul(_row_chunks(a[..., :whole, :], chunk), b[..., None, :, :],

@@ -6,7 +6,8 @@ the NumPy path (:mod:`._cpu`) or the kernels (:mod:`._cuda`).
 import typing
 
 from .. import _kernels
-from .._args import activation_shape, as_int, check_layout, pair, spatial_shape
+from .._args import (activation_shape, as_int, as_sequence, check_layout,
+                     check_window_fits, pair, spatial_shape)
 
 
 def conv_output_size(size, kernel, stride, pad_before, pad_after, dilation):
@@ -38,10 +39,11 @@ def conv_padding(padding, kernel, stride, dilation, size):
         raise ValueError(
             f"padding must be 'valid', 'same', an int or pairs, got {padding!r}"
         )
-    if isinstance(padding, (tuple, list)) and len(padding) == 2 and all(
-        isinstance(p, (tuple, list)) for p in padding
+    entries = as_sequence(padding)
+    if entries is not None and len(entries) == 2 and all(
+        as_sequence(p) is not None for p in entries
     ):
-        result = (pair(padding[0], "padding[0]"), pair(padding[1], "padding[1]"))
+        result = (pair(entries[0], "padding[0]"), pair(entries[1], "padding[1]"))
     else:
         ph, pw = pair(padding, "padding")
         result = ((ph, ph), (pw, pw))
@@ -128,13 +130,9 @@ def conv2d_geometry(x_shape, w_shape, stride, padding, dilation, groups, layout,
         for size, k, s, (before, after), d in zip(
             (h, w), (kh, kw), stride, padding, dilation)
     )
-    if min(out_hw) < 1:
-        raise ValueError(
-            f"output size {out_hw[0]}x{out_hw[1]} is below 1: {x_name}'s padded "
-            f"size {h + sum(padding[0])}x{w + sum(padding[1])} is smaller than "
-            f"the dilated kernel {dilation[0] * (kh - 1) + 1}x"
-            f"{dilation[1] * (kw - 1) + 1} of {w_name}"
-        )
+    for axis, (out, size) in enumerate(zip(out_hw, (h, w))):
+        check_window_fits(out, axis, size, padding[axis], (kh, kw), dilation,
+                          f"{w_name}'s kernel", x_name)
     return ConvGeometry(n, c_in, c_out, (h, w), (kh, kw), out_hw, stride,
                         padding, dilation, groups, layout)
 

@@ -2,8 +2,8 @@
 
 Generates training and test charts (:mod:`cupyconv.demo.charts`), trains
 :class:`~cupyconv.demo.model.PriceTrendCNN` with Adam and softmax
-cross-entropy, shows a plain-text progress bar on stderr, prints each
-epoch's training and test loss and accuracy, and saves two PNGs (when
+cross-entropy, shows a plain-text progress bar, prints each epoch's
+training and test loss and accuracy (all on stdout), and saves two PNGs (when
 matplotlib is installed): the loss/accuracy curves and sample charts with
 their labels and the model's predictions.  Runs on the GPU when CuPy sees
 one (``--device auto``), else on the CPU with NumPy.
@@ -263,21 +263,31 @@ def train(train_charts, test_charts, *, model="5day", epochs=2, batch_size=128,
     return result
 
 
+#: Printed once before the epoch lines: without it, a newcomer takes the
+#: training figures, worse than the test figures, for a bug.
+TRAIN_FIGURES_NOTE = (
+    "(train figures are means over the epoch's batches with dropout on and batch\n"
+    " statistics in the batch norms, so they run worse than the test figures,\n"
+    " which come from the epoch's final model in evaluation mode)")
+
+
 class TextProgress:
-    """A plain-text progress bar on ``stream``: redrawn in place on a
-    terminal; elsewhere (a log file, a pipe) only one line per epoch."""
+    """A plain-text progress bar on ``stream`` (default stdout, where the
+    rest of the demo's report goes): redrawn in place on a terminal;
+    elsewhere (a log file, a pipe) only one line per epoch."""
 
     WIDTH = 24
 
     def __init__(self, epochs, stream=None):
         self.epochs = epochs
-        self.stream = sys.stderr if stream is None else stream
+        self.stream = sys.stdout if stream is None else stream
         self.live = getattr(self.stream, "isatty", lambda: False)()
         self.last_draw = 0.0
 
     def start(self, initial):
         self.stream.write(f"before training: test loss {initial['test_loss']:.4f}"
-                          f" acc {initial['test_accuracy']:.3f}\n")
+                          f" acc {initial['test_accuracy']:.3f}\n{TRAIN_FIGURES_NOTE}\n")
+        self.stream.flush()
 
     def batch(self, epoch, seen, total, loss, accuracy, seconds):
         now = time.perf_counter()
@@ -378,6 +388,11 @@ def main(argv=None):
     ...       "--device", "cpu", "--no-plots"])  # doctest: +ELLIPSIS
     cupyconv demo: 5day CNN on 32x15 synthetic charts (64 train, 32 test, signal 0.5) on CPU (NumPy), float32
       data generated in ... s; ...% of training labels are 'up'
+    before training: test loss ... acc ...
+    (train figures are means over the epoch's batches with dropout on and batch
+     statistics in the batch norms, so they run worse than the test figures,
+     which come from the epoch's final model in evaluation mode)
+    epoch 1/1  train loss ... acc ...  |  test loss ... acc ...  |  ... s, ... img/s
     final test accuracy: ... (test loss ...; chance is 0.5) after ... s
     0
     """

@@ -39,7 +39,12 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
         out = (size + 2*padding - dilation*(kernel - 1) - 1) // stride + 1
 
     rounded up instead of down with ``ceil_mode``, where a last window must
-    still start inside the input or the leading padding.  Padding never wins:
+    still start inside the input or the leading padding.  It must be at
+    least 1, or 0 along an axis where ``x`` has no element; every other
+    axis may be 0 (an empty result).  The arguments come in PyTorch's order
+    (``torch.nn.functional.max_pool2d(input, kernel_size, stride, padding,
+    dilation)``); ``ceil_mode``, ``layout`` and ``return_indices`` are
+    keyword-only.  Padding never wins:
     it acts as -inf (the dtype's minimum for integers).  A window picks its
     first maximum in row-major order; a window holding a NaN gives NaN (its
     last NaN, as PyTorch picks).  For example ``x`` of shape
@@ -54,7 +59,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
         for ``"NCHW"``.  float16/32/64 or any signed or unsigned integer
         dtype.  Not modified.
     kernel_size : int or (int, int)
-        Window height and width, each ``>= 1``.
+        Window height and width, each ``>= 1``.  Here and in ``stride``,
+        ``padding`` and ``dilation``, any integer NumPy accepts: NumPy
+        integers, 0-d or 1-D integer arrays (``np.array([2, 1])``).
     stride : int or (int, int), optional
         Step between windows, each ``>= 1``; defaults to ``kernel_size``.
     padding : int or (int, int), optional
@@ -83,8 +90,10 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
     ------
     ValueError
         ``x`` not 4-D; an unknown layout; sizes below 1; padding above
-        ``kernel_size // 2``; a window larger than the padded input (an output
-        size below 1) or, with dilation, a window with no input element.
+        ``kernel_size // 2``; a window larger than the padded input (the
+        message names the arguments and sizes) or a window with no input
+        element (dilation stepping over the image, or an axis of length 0
+        with padding).
     TypeError
         Non-integer sizes, a non-bool flag, an unsupported dtype (bool,
         complex, ...).
@@ -95,7 +104,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
 
     Notes
     -----
-    On the CPU, where numba is installed (``pip install "cupyconv[jit]"``),
+    On the CPU, where numba is installed (the ``jit`` extra),
     every dtype but float16 runs in loops it compiles
     (:mod:`cupyconv.pooling._fused`) rather than in NumPy's ufuncs, with the same
     results: several times faster for windows other than 2x1, and for the
@@ -143,16 +152,19 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
                         indices=None):
     """Gradient of :func:`max_pool2d` with respect to ``x``.
 
-    Each window's gradient goes to the one element it picked (its first
-    maximum, or last NaN) and is summed where windows overlap, in a fixed
-    order, so results are deterministic.  Tied elements other than the pick
-    get nothing.  Shapes: ``grad_out`` is ``max_pool2d(x, ...)``'s output
-    shape; the result is ``x.shape``.
+    The arguments come in the order of :func:`max_pool2d` after
+    ``grad_out, x``; ``ceil_mode``, ``layout`` and ``indices`` are
+    keyword-only.  Each window's gradient goes to the one element it
+    picked (its first maximum, or last NaN) and is summed where windows
+    overlap, in a fixed order, so results are deterministic.  Tied elements
+    other than the pick get nothing.  Shapes: ``grad_out`` is
+    ``max_pool2d(x, ...)``'s output shape; the result is ``x.shape``.
 
     Parameters
     ----------
     grad_out : array_like
-        Gradient with respect to ``max_pool2d``'s output, of ``x``'s dtype.
+        Gradient with respect to ``max_pool2d``'s output, of ``x``'s dtype
+        (Python numbers or lists take it, as NumPy's Python scalars do).
     x : array_like
         The input of the forward call, float16/32/64.  Without ``indices``
         the picks are recomputed from it; with them only its shape is used.
@@ -185,7 +197,7 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
 
     Notes
     -----
-    On the CPU, where numba is installed (``pip install "cupyconv[jit]"``),
+    On the CPU, where numba is installed (the ``jit`` extra),
     the work runs in loops it compiles (:mod:`cupyconv.pooling._fused`) rather
     than in NumPy's ufuncs, with the same result bit for bit; see
     :func:`max_pool2d`.
@@ -206,8 +218,9 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
            [ 0., 20.]])
     """
     xp = _backend.dispatch(grad_out=grad_out, x=x, indices=indices)
-    grad_out = _args.native_4d(grad_out, "grad_out", xp)
-    x = _args.native_4d(x, "x", xp)
+    grad_out, x = _args.float_operands(xp, grad_out=grad_out, x=x)
+    _args.check_ndim(grad_out, 4, "grad_out")
+    _args.check_ndim(x, 4, "x")
     _args.common_float_dtype(grad_out=grad_out, x=x)
     pool = _geometry.pool_geometry(x.shape, kernel_size, stride, padding, dilation,
                                   ceil_mode, layout)

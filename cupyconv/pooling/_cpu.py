@@ -182,6 +182,8 @@ def _forward_fused(loops, x, pool, want_indices):
                           numpy.int64)
     rows, best = _rows_of(pool, x), _rows_of(pool, out)
     best_at = indices.reshape(planes, pool.oh, pool.ow * inner if want_indices else 0)
+    if out.size == 0:  # the loops divide by the row's length
+        return out, indices if want_indices else None
     loop = (loops.pool_forward_by_pixels if inner >= _FUSED_FORWARD_PIXELS
             else loops.pool_forward_by_elements)
     _parallel.for_each_range(
@@ -196,6 +198,8 @@ def _backward_fused(loops, grad_out, indices, pool):
     sums into it, while it is in cache."""
     planes, _, inner = pool.rows()
     grad_in = numpy.empty(pool.in_shape, grad_out.dtype)
+    if grad_in.size == 0:  # the loops divide by the row's length
+        return grad_in
     picks, grads = _rows_of(pool, indices), _rows_of(pool, grad_out)
     window, sums = _window_of(pool), _rows_of(pool, grad_in)
     if inner >= _FUSED_BACKWARD_PIXELS:

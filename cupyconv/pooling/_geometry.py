@@ -46,17 +46,21 @@ def pool_output_shape(size, kernel, stride, padding, dilation, ceil_mode):
     """``(OH, OW)`` of a 2-D max-pool of an ``(H, W)`` image (all ``(h, w)``
     pairs), per axis ``pool_output_size``.  Every window must hold at least one
     input element: a dilated window whose taps all fall in the padding or step
-    over the image (which PyTorch answers with -inf and a meaningless index) is
-    rejected."""
+    over the image (which PyTorch answers with -inf and a meaningless index),
+    or over an axis of length 0 (see :func:`~cupyconv._args.check_window_fits`),
+    is rejected."""
     if not isinstance(ceil_mode, (bool, numpy.bool_)):
         raise TypeError(f"ceil_mode must be a bool, got {ceil_mode!r}")
     shape = []
-    for axis, n, k, s, p, d in zip("hw", size, kernel, stride, padding, dilation):
+    for axis, (n, k, s, p, d) in enumerate(zip(size, kernel, stride, padding, dilation)):
         out = pool_output_size(n, k, s, p, d, ceil_mode)
-        if out < 1:
+        _args.check_window_fits(out, axis, n, (p, p), kernel, dilation, "kernel_size", "x")
+        name = "hw"[axis]
+        if n == 0 and out > 0:
             raise ValueError(
-                f"kernel_size {k} (dilation {d}) is larger than the input "
-                f"along {axis}: {n} + 2*padding {p} < {d * (k - 1) + 1}"
+                f"x has 0 {('row', 'column')[axis]}s: its "
+                f"{_args.plural(out, 'window')} along {name} would hold only "
+                f"padding ({p} on each side)"
             )
         # A window starting at or after row/column 0 holds its first tap
         # (the last window starts before the end, see pool_output_size), so
@@ -64,10 +68,10 @@ def pool_output_shape(size, kernel, stride, padding, dilation, ceil_mode):
         # their first tap at or after 0 still in the window and the image?
         # Without dilation the window is contiguous and reaches past the
         # padding (p <= k // 2), so none can miss.
-        suspects = {*range(min(out, _kernels.ceil_div(p, s))), out - 1} if d > 1 else ()
+        suspects = {*range(min(out, _kernels.ceil_div(p, s))), out - 1} if d > 1 and out else ()
         if any(_first_tap_misses(i * s - p, n, k, d) for i in suspects):
             raise ValueError(
-                f"dilation {d} along {axis} leaves a window with no input "
+                f"dilation {d} along {name} leaves a window with no input "
                 f"element (input {n}, kernel_size {k}, padding {p})"
             )
         shape.append(out)
