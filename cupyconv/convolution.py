@@ -25,6 +25,7 @@ import math
 import numpy
 
 from . import _args, _backend, _parallel
+from ._interop import interoperable
 
 __all__ = ["conv2d", "conv2d_input", "conv2d_weight"]
 
@@ -62,6 +63,7 @@ _CHUNK_OUTPUT_BYTES = 1 << 17
 _TAP_MAJOR_MAX_CHANNELS = 4
 
 
+@interoperable
 def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
            layout="NHWC"):
     """2-D convolution (cross-correlation, as in deep learning) with a
@@ -170,6 +172,7 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
     return _forward(x, w, bias, geom)
 
 
+@interoperable
 def conv2d_input(input_shape, w, grad_out, *, stride=1, padding=0, dilation=1,
                  groups=1, layout="NHWC"):
     """Gradient of a :func:`conv2d` with respect to its input ``x``.
@@ -245,6 +248,7 @@ def conv2d_input(input_shape, w, grad_out, *, stride=1, padding=0, dilation=1,
     return _input_grad(w, grad_out, geom)
 
 
+@interoperable
 def conv2d_weight(x, weight_shape, grad_out, *, stride=1, padding=0,
                   dilation=1, groups=1, layout="NHWC"):
     """Gradient of a :func:`conv2d` with respect to its kernel ``w``.

@@ -9,6 +9,7 @@ import math
 import numpy
 
 from . import _args, _backend, _kernels, _parallel
+from ._interop import interoperable
 
 __all__ = ["dilate", "undilate"]
 
@@ -46,6 +47,7 @@ def _output_shape(a, axes, dilation, shape):
     return out
 
 
+@interoperable
 def dilate(a, axes, dilation, *, shape=None):
     """Insert ``dilation[i]`` zeros after every element along ``axes[i]``.
 
@@ -114,6 +116,7 @@ def dilate(a, axes, dilation, *, shape=None):
     return out
 
 
+@interoperable
 def undilate(a, axes, dilation):
     """Keep every ``(dilation[i] + 1)``-th element along ``axes[i]``, from index 0.
 

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy
 
 from . import _args, _backend, _fused, _kernels, _parallel
+from ._interop import interoperable
 
 __all__ = ["max_pool2d", "max_pool2d_backward"]
 
@@ -83,6 +84,7 @@ def _normalize(x, kernel_size, stride, padding, dilation, ceil_mode, layout):
     return _Pool(layout, n, c, h, w, oh, ow, kernel, stride, padding, dilation)
 
 
+@interoperable
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
                ceil_mode=False, layout="NHWC", return_indices=False):
     """Maximum over each ``kernel_size`` window of every image and channel.
@@ -192,6 +194,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
     return (out, indices) if return_indices else out
 
 
+@interoperable
 def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
                         dilation=1, *, ceil_mode=False, layout="NHWC",
                         indices=None):
