@@ -221,7 +221,7 @@ def test_arguments_checked_when_the_graph_is_built():
 def cluster_client():
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None, silence_logs=40) as cluster:
+                                  dashboard_address=":0", silence_logs=40) as cluster:
         with distributed.Client(cluster) as client:
             yield client
 
@@ -283,3 +283,16 @@ def test_cupy_chunks_and_dask_cuda(gpu):
             distributed.Client(cluster) as client:
         np.testing.assert_allclose(gpu.asnumpy(client.compute(y).result()),
                                    expected, rtol=1e-12)
+
+
+def test_demo_command_tiny():
+    pytest.importorskip("distributed")
+    import doctest
+
+    from cupyconv.demo import dask_inference
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for test in doctest.DocTestFinder().find(dask_inference):
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.attempted >= 2 and not result.failed

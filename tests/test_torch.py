@@ -205,3 +205,13 @@ def test_cuda_backward(gpu):
         F.cross_entropy(m(x), torch.arange(8, device="cuda") % 2).backward()
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for test in doctest.DocTestFinder().find(cct):
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.attempted >= 10 and not result.failed
