@@ -23,6 +23,7 @@ cupyconv demo-dask: 5day CNN, 256 lazy 32x15 charts in 2 chunks of 128
 """
 
 import argparse
+import os
 import time
 
 import numpy
@@ -85,6 +86,17 @@ def predict(net, images):
     return net.forward(images, training=False).argmax(axis=1)
 
 
+def _pin_workers(client):
+    """Pin worker ``k`` (every thread of its process) to core ``k`` modulo the
+    cores, before its first task imports cupyconv, whose CPU code then sees
+    one core and runs one thread.  Linux only (``/proc``)."""
+    cores = sorted(os.sched_getaffinity(0))
+    pids = client.run(os.getpid)  # a builtin: the workers import nothing
+    for k, pid in enumerate(pids[address] for address in sorted(pids)):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), {cores[k % len(cores)]})
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m cupyconv demo-dask",
@@ -105,6 +117,8 @@ def parse_args(argv=None):
                         help="runs per worker count (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--signal", type=float, default=0.5)
+    parser.add_argument("--pin", action="store_true",
+                        help="pin worker k to core k (Linux): one core per worker")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar")
     args = parser.parse_args(argv)
@@ -146,8 +160,12 @@ def main(argv=None):
     for workers in args.workers:
         with distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
                                       processes=True, dashboard_address=":0",
-                                      silence_logs=40) as cluster, \
+                                      silence_logs=40,
+                                      env={"OPENBLAS_NUM_THREADS": "1"} if args.pin
+                                      else {}) as cluster, \
                 distributed.Client(cluster) as client:
+            if args.pin:
+                _pin_workers(client)
             # Not timed: the workers' first call imports and compiles.
             client.compute(predict(trained.model, images[:args.chunk])).result()
             for _ in range(args.repeat):
