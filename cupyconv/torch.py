@@ -86,23 +86,27 @@ def _pool_out(size, k, s, p, d, ceil_mode):
 # resolved as [top, bottom, left, right] so that the schema holds ints only.
 
 
-def _conv_keywords(stride, padding, dilation, groups, layout):
-    return dict(stride=tuple(stride), padding=((padding[0], padding[1]),
-                                               (padding[2], padding[3])),
-                dilation=tuple(dilation), groups=groups, layout=layout)
+def _conv_keywords(stride, padding, dilation, groups, layout, precision):
+    keywords = dict(stride=tuple(stride), padding=((padding[0], padding[1]),
+                                                   (padding[2], padding[3])),
+                    dilation=tuple(dilation), groups=groups, layout=layout)
+    if precision is not None:  # only then: cupyconv's default otherwise
+        keywords["precision"] = precision
+    return keywords
 
 
 @torch.library.custom_op("cupyconv::conv2d", mutates_args=())
 def _conv2d_op(x: Tensor, w: Tensor, bias: Optional[Tensor], stride: List[int],
                padding: List[int], dilation: List[int], groups: int,
-               layout: str) -> Tensor:
+               layout: str, precision: Optional[str]) -> Tensor:
     return _conv2d(x.detach(), w.detach(),
                    None if bias is None else bias.detach(),
-                   **_conv_keywords(stride, padding, dilation, groups, layout))
+                   **_conv_keywords(stride, padding, dilation, groups, layout,
+                                    precision))
 
 
 @_conv2d_op.register_fake
-def _(x, w, bias, stride, padding, dilation, groups, layout):
+def _(x, w, bias, stride, padding, dilation, groups, layout, precision):
     n, _, h, wd = _spatial(x.shape, layout)
     c_out, kh, kw = _kernel_of(w.shape, layout)
     oh = _conv_out(h, kh, stride[0], padding[0], padding[1], dilation[0])
@@ -113,34 +117,38 @@ def _(x, w, bias, stride, padding, dilation, groups, layout):
 @torch.library.custom_op("cupyconv::conv2d_input", mutates_args=())
 def _conv2d_input_op(input_shape: List[int], w: Tensor, grad_out: Tensor,
                      stride: List[int], padding: List[int], dilation: List[int],
-                     groups: int, layout: str) -> Tensor:
+                     groups: int, layout: str, precision: Optional[str]) -> Tensor:
     return _conv2d_input(tuple(input_shape), w.detach(), grad_out.detach(),
-                         **_conv_keywords(stride, padding, dilation, groups, layout))
+                         **_conv_keywords(stride, padding, dilation, groups, layout,
+                                          precision))
 
 
 @_conv2d_input_op.register_fake
-def _(input_shape, w, grad_out, stride, padding, dilation, groups, layout):
+def _(input_shape, w, grad_out, stride, padding, dilation, groups, layout,
+      precision):
     return w.new_empty(input_shape)
 
 
 @torch.library.custom_op("cupyconv::conv2d_weight", mutates_args=())
 def _conv2d_weight_op(x: Tensor, weight_shape: List[int], grad_out: Tensor,
                       stride: List[int], padding: List[int], dilation: List[int],
-                      groups: int, layout: str) -> Tensor:
+                      groups: int, layout: str, precision: Optional[str]) -> Tensor:
     return _conv2d_weight(x.detach(), tuple(weight_shape), grad_out.detach(),
-                          **_conv_keywords(stride, padding, dilation, groups, layout))
+                          **_conv_keywords(stride, padding, dilation, groups, layout,
+                                           precision))
 
 
 @_conv2d_weight_op.register_fake
-def _(x, weight_shape, grad_out, stride, padding, dilation, groups, layout):
+def _(x, weight_shape, grad_out, stride, padding, dilation, groups, layout,
+      precision):
     return x.new_empty(weight_shape)
 
 
 def _conv2d_setup(ctx, inputs, output):
-    x, w, bias, stride, padding, dilation, groups, layout = inputs
+    x, w, bias, *geometry = inputs
     ctx.save_for_backward(x, w)
     ctx.has_bias = bias is not None
-    ctx.geometry = (stride, padding, dilation, groups, layout)
+    ctx.geometry = geometry  # stride, padding, dilation, groups, layout, precision
 
 
 def _conv2d_backward(ctx, grad_out):
@@ -154,7 +162,7 @@ def _conv2d_backward(ctx, grad_out):
         grad_w = _conv2d_weight_op(x, list(w.shape), grad_out, *geometry)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = grad_out.sum(dim=(0, 2, 3) if geometry[4] == "NCHW" else (0, 1, 2))
-    return grad_x, grad_w, grad_bias, None, None, None, None, None
+    return (grad_x, grad_w, grad_bias) + (None,) * len(geometry)
 
 
 _conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup)
@@ -279,7 +287,7 @@ def _pair(value, name):
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
-           *, layout="NCHW"):
+           *, layout="NCHW", precision=None):
     """Differentiable :func:`cupyconv.conv2d` with
     :func:`torch.nn.functional.conv2d`'s arguments.
 
@@ -302,6 +310,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
         allowed (TensorFlow's and JAX's rule).
     groups : int
     layout : {'NCHW', 'NHWC'}, keyword-only
+    precision : str, optional, keyword-only
+        Passed on to :func:`cupyconv.conv2d` and its gradients when given
+        (where cupyconv has that argument); cupyconv's default otherwise.
 
     Returns
     -------
@@ -327,8 +338,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     _, kh, kw = _kernel_of(weight.shape, layout)
     (top, bottom), (left, right) = _args.conv_padding(
         padding, (int(kh), int(kw)), tuple(stride), tuple(dilation), (int(h), int(w)))
+    if precision is not None and not isinstance(precision, str):
+        raise TypeError(f"precision must be a string or None, got {precision!r}")
     return _conv2d_op(input, weight, bias, stride, [top, bottom, left, right],
-                      dilation, _args.as_int(groups, "groups"), layout)
+                      dilation, _args.as_int(groups, "groups"), layout, precision)
 
 
 def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, *,

@@ -174,7 +174,7 @@ def test_torch_compile_fullgraph():
 def test_opcheck_custom_ops():
     x, w = _randn(1, 2, 5, 4), _randn(3, 2, 2, 2)
     torch.library.opcheck(torch.ops.cupyconv.conv2d.default,
-                          (x, w, None, [1, 1], [1, 0, 0, 1], [1, 1], 1, "NCHW"),
+                          (x, w, None, [1, 1], [1, 0, 0, 1], [1, 1], 1, "NCHW", None),
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
     torch.library.opcheck(torch.ops.cupyconv.max_pool2d.default,
