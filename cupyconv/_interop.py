@@ -23,6 +23,8 @@ import sys
 
 import numpy
 
+from ._backend import _is_cupy_array, _type_name
+
 __all__ = ["interoperable"]
 
 # DLPack device types (dlpack.h: DLDeviceType).
@@ -69,11 +71,6 @@ def is_dask_array(a):
     return dask_array is not None and isinstance(a, dask_array.Array)
 
 
-def _is_cupy_array(a):
-    cupy = sys.modules.get("cupy")
-    return cupy is not None and isinstance(a, cupy.ndarray)
-
-
 def _is_producer(a):
     """A DLPack producer that is not NumPy or CuPy (those run as they are)."""
     return (hasattr(type(a), "__dlpack__") and hasattr(type(a), "__dlpack_device__")
@@ -88,10 +85,9 @@ def _call_foreign(func, bound):
         others = [name for name, a in arguments.items() if _is_producer(a)]
         if others:
             raise TypeError(
-                f"{func.__name__}: {', '.join(dask_names)} are Dask arrays but "
-                f"{', '.join(others)} are {_type_name(arguments[others[0]])}; "
-                "give Dask arrays NumPy or CuPy arrays (or Dask arrays) as "
-                "other arguments")
+                f"{func.__name__}: Dask arrays ({', '.join(dask_names)}) "
+                f"cannot be mixed with {_type_name(arguments[others[0]])} "
+                f"({', '.join(others)}); give them NumPy, CuPy or Dask arrays")
         from . import dask as cupyconv_dask
 
         return cupyconv_dask.call(func, bound)
@@ -201,8 +197,3 @@ def _returner(producer):
         if from_dlpack is not None:
             return from_dlpack
     return lambda result: result  # no known way back: NumPy or CuPy
-
-
-def _type_name(a):
-    t = type(a)
-    return f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__name__

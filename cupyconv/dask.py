@@ -116,16 +116,16 @@ def _meta(x, dtype=None):
     return meta if dtype is None else meta.astype(dtype)
 
 
-def _check_chunk_types(op, **metas):
+def _check_chunk_types(**metas):
     """Chunks and kernels of one call must be of one library (NumPy or CuPy)."""
     _backend.dispatch(**{name: m for name, m in metas.items() if m is not None})
 
 
-def _stand_in(x, batch_axis=0):
+def _stand_in(x):
     """A zero-batch NumPy array of ``x``'s shape and dtype, to check arguments
     with the eager op at no cost."""
     shape = list(x.shape)
-    shape[batch_axis] = 0
+    shape[0] = 0
     return numpy.empty(shape, numpy.dtype(x.dtype))
 
 
@@ -271,7 +271,7 @@ def _conv2d(op, x, w, bias=None, stride=1, padding=0, dilation=1, groups=1,
     layout = _args.check_layout(layout)
     x = _one_channel_chunk(_as_dask(x, "x"), layout)
     w, bias = _Whole(w, "w"), _Whole(bias, "bias")
-    _check_chunk_types("conv2d", x=x._meta, w=w.meta, bias=bias.meta)
+    _check_chunk_types(x=x._meta, w=w.meta, bias=bias.meta)
     reference = op(_stand_in(x), w.validation_stand_in(),
                    bias.validation_stand_in(), stride=stride, padding=padding,
                    dilation=dilation, groups=groups, layout=layout, **extra)
@@ -352,7 +352,7 @@ def _conv2d_input(op, input_shape, w, grad_out, stride=1, padding=0, dilation=1,
     input_shape = _args.shape_arg(input_shape, 4, "input_shape")
     grad_out = _one_channel_chunk(_as_dask(grad_out, "grad_out"), layout)
     w = _Whole(w, "w")
-    _check_chunk_types("conv2d_input", w=w.meta, grad_out=grad_out._meta)
+    _check_chunk_types(w=w.meta, grad_out=grad_out._meta)
     stand_in = list(input_shape)
     stand_in[0] = 0
     reference = op(tuple(stand_in), w.validation_stand_in(), _stand_in(grad_out),
@@ -413,7 +413,7 @@ def _conv2d_weight(op, x, weight_shape, grad_out, stride=1, padding=0,
     weight_shape = _args.shape_arg(weight_shape, 4, "weight_shape")
     x = _one_channel_chunk(_as_dask(x, "x"), layout)
     grad_out = _one_channel_chunk(_as_dask(grad_out, "grad_out"), layout)
-    _check_chunk_types("conv2d_weight", x=x._meta, grad_out=grad_out._meta)
+    _check_chunk_types(x=x._meta, grad_out=grad_out._meta)
     reference = op(_stand_in(x), weight_shape, _stand_in(grad_out),
                    stride=stride, padding=padding, dilation=dilation,
                    groups=groups, layout=layout, **extra)
