@@ -160,6 +160,7 @@ def test_producer_namespace_gives_the_result_back():
     np.testing.assert_array_equal(y, X[:, :, ::2])
 
 
+@pytest.mark.run_last  # importing JAX starts threads: after the fork tests
 def test_jax_round_trip_every_op():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
@@ -171,6 +172,7 @@ def test_jax_round_trip_every_op():
                 np.testing.assert_array_equal(np.asarray(g), e, err_msg=name)
 
 
+@pytest.mark.run_last  # importing JAX starts threads: after the fork tests
 def test_jax_read_only_float32():
     jax = pytest.importorskip("jax")
     x = jax.numpy.asarray(X.astype(np.float32))
