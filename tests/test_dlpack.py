@@ -206,3 +206,21 @@ def test_torch_cuda_round_trip(gpu):
     assert torch.equal(out, ref) and torch.equal(idx, ref_idx)
     with pytest.raises(ValueError, match="different devices"):
         cc.conv2d(x, W, layout="NCHW")
+
+
+def test_cuda_producers_go_to_cupy_from_dlpack(monkeypatch):
+    """Without a GPU: a stand-in ``cupy`` module records what is handed to
+    ``cupy.from_dlpack`` (which passes CuPy's current stream to the producer)."""
+    import types
+
+    received = []
+    fake_cupy = types.SimpleNamespace(
+        ndarray=type("ndarray", (), {}),
+        from_dlpack=lambda a: received.append(a) or "taken")
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    producer = _FakeProducer(W, (2, 0))
+    assert _interop._take("conv2d", "w", producer) == "taken"
+    assert received == [producer]
+    monkeypatch.setitem(sys.modules, "cupy", None)  # CuPy not installed
+    with pytest.raises(TypeError, match=r"w is a CUDA array, which needs CuPy"):
+        _interop._take("conv2d", "w", producer)
