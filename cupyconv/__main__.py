@@ -1,14 +1,16 @@
 """``python -m cupyconv``: version, active backend and a quick self-check.
 
 ``python -m cupyconv demo [options]`` trains the seed's price-chart CNN
-(see ``python -m cupyconv demo --help``); ``--version`` prints the version.
+(see ``python -m cupyconv demo --help``); ``python -m cupyconv demo-dask``
+runs the trained model over a lazily made chart set with Dask;
+``--version`` prints the version.
 """
 
 import os
 import sys
 
 HELP = """\
-usage: python -m cupyconv [--version | --help | demo [options]]
+usage: python -m cupyconv [--version | --help | demo [options] | demo-dask [options]]
 
 With no argument, print the version, the active backend (the GPU, or the
 NumPy fallback and why) and run a quick self-check of every op; the exit
@@ -17,6 +19,8 @@ status is 0 when every check passes.
 commands:
   demo          train the seed's price-chart CNN on synthetic charts
                 (python -m cupyconv demo --help lists its options)
+  demo-dask     run a trained model over a lazily made chart set with Dask
+                (python -m cupyconv demo-dask --help lists its options)
 
 options:
   --version     print the version and exit
@@ -29,6 +33,10 @@ def _run(argv):
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] == "demo-dask":
+        from .demo.dask_inference import main as dask_demo_main
+
+        return dask_demo_main(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print(HELP, end="")
         return 0

@@ -6,11 +6,13 @@ per call), :mod:`._cpu` (the NumPy path, an im2col matrix product),
 """
 
 from .. import _args, _backend
+from .._interop import interoperable
 from . import _cpu, _cuda, _geometry
 
 __all__ = ["conv2d", "conv2d_input", "conv2d_weight"]
 
 
+@interoperable
 def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
            layout="NHWC"):
     """2-D convolution (cross-correlation, as in deep learning) with a
@@ -131,6 +133,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     return _cpu.forward(x, w, bias, geom)
 
 
+@interoperable
 def conv2d_input(input_shape, w, grad_out, stride=1, padding=0, dilation=1,
                  groups=1, *, layout="NHWC"):
     """Gradient of a :func:`conv2d` with respect to its input ``x``.
@@ -207,6 +210,7 @@ def conv2d_input(input_shape, w, grad_out, stride=1, padding=0, dilation=1,
     return _cpu.input_grad(w, grad_out, geom)
 
 
+@interoperable
 def conv2d_weight(x, weight_shape, grad_out, stride=1, padding=0,
                   dilation=1, groups=1, *, layout="NHWC"):
     """Gradient of a :func:`conv2d` with respect to its kernel ``w``.

@@ -8,11 +8,13 @@ call), :mod:`._cpu` (the NumPy path), :mod:`._cuda` (launch code of
 """
 
 from .. import _backend
+from .._interop import interoperable
 from . import _cpu, _cuda, _geometry
 
 __all__ = ["dilate", "undilate"]
 
 
+@interoperable
 def dilate(a, axes, dilation, *, shape=None):
     """Insert ``dilation[i]`` zeros after every element along ``axes[i]``.
 
@@ -73,6 +75,7 @@ def dilate(a, axes, dilation, *, shape=None):
     return _cpu.dilate(a, geom)
 
 
+@interoperable
 def undilate(a, axes, dilation):
     """Keep every ``(dilation[i] + 1)``-th element along ``axes[i]``, from index 0.
 

@@ -25,11 +25,13 @@ call), :mod:`._cpu` (the NumPy path), :mod:`._fused` (its numba loops),
 import numpy
 
 from .. import _args, _backend, _kernels
+from .._interop import interoperable
 from . import _cpu, _cuda, _geometry
 
 __all__ = ["max_pool2d", "max_pool2d_backward"]
 
 
+@interoperable
 def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
                ceil_mode=False, layout="NHWC", return_indices=False):
     """Maximum over each ``kernel_size`` window of every image and channel.
@@ -147,6 +149,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
     return (out, indices) if return_indices else out
 
 
+@interoperable
 def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
                         dilation=1, *, ceil_mode=False, layout="NHWC",
                         indices=None):
