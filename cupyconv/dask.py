@@ -44,6 +44,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from . import _args, _backend
 from .convolution import _geometry as conv_rules
+from .dilation import _geometry as dilation_rules
 from .pooling import _geometry as pool_rules
 
 __all__ = ["call"]
@@ -678,37 +679,14 @@ def _dilate_block(block, op, axes, dilation, block_info=None):
 
 def _dilate(op, a, axes, dilation, shape=None):
     a = _as_dask(a, "a")
-    axes = _args.normalize_axes(axes, a.ndim)
-    dilation = _args.per_axis(dilation, len(axes), "dilation", minimum=0)
-    steps = dict(zip(axes, dilation))
-    if shape is None:
-        out = [n * (steps.get(axis, 0) + 1) for axis, n in enumerate(a.shape)]
-    else:
-        out = list(_args.shape_arg(shape, a.ndim, "shape"))
-        _check_dilated_shape(a.shape, out, steps)
-    _args.check_elements(out, "dilation: the result")
+    geom = dilation_rules.dilate_geometry(a.shape, axes, dilation, shape)
     chunks = []
-    for axis, sizes in enumerate(a.chunks):
-        step = steps.get(axis, 0) + 1
+    for axis, (sizes, step) in enumerate(zip(a.chunks, geom.steps)):
         sizes = [size * step for size in sizes]
-        sizes[-1] += out[axis] - sum(sizes)  # `shape` may cut or extend the tail
+        sizes[-1] += geom.dilated_shape[axis] - sum(sizes)  # `shape` may cut or extend the tail
         chunks.append(tuple(sizes))
-    return a.map_blocks(_dilate_block, op, tuple(axes), tuple(dilation),
+    return a.map_blocks(_dilate_block, op, geom.axes, geom.dilation,
                         chunks=tuple(chunks), dtype=a.dtype, meta=a._meta)
-
-
-def _check_dilated_shape(in_shape, out, steps):
-    for axis, (n, m) in enumerate(zip(in_shape, out)):
-        if axis in steps:
-            need = max(0, (n - 1) * (steps[axis] + 1) + 1)
-            if m < need:
-                raise ValueError(
-                    f"shape[{axis}] = {m} is too small: dilating {n} elements by "
-                    f"{steps[axis]} needs at least {need}")
-        elif m != n:
-            raise ValueError(
-                f"shape[{axis}] = {m} differs from the input's {n} along an "
-                "axis that is not dilated")
 
 
 def _undilate_block(block, op, axes, dilation, block_info=None):
@@ -721,15 +699,12 @@ def _undilate_block(block, op, axes, dilation, block_info=None):
 
 def _undilate(op, a, axes, dilation):
     a = _as_dask(a, "a")
-    axes = _args.normalize_axes(axes, a.ndim)
-    dilation = _args.per_axis(dilation, len(axes), "dilation", minimum=0)
-    steps = dict(zip(axes, dilation))
+    geom = dilation_rules.undilate_geometry(a.shape, axes, dilation)
     chunks = []
-    for axis, sizes in enumerate(a.chunks):
-        step = steps.get(axis, 0) + 1
+    for sizes, step in zip(a.chunks, geom.steps):
         chunks.append(tuple(len(range((-lo) % step, hi - lo, step))
                             for lo, hi in _ranges(sizes)))
-    return a.map_blocks(_undilate_block, op, tuple(axes), tuple(dilation),
+    return a.map_blocks(_undilate_block, op, geom.axes, geom.dilation,
                         chunks=tuple(chunks), dtype=a.dtype, meta=a._meta)
 
 
