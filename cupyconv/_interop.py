@@ -175,8 +175,8 @@ def _take(op, name, a):
             import cupy
         except ImportError as exc:
             raise TypeError(
-                f"{op}: {name} is a CUDA array, which needs CuPy (pip install "
-                f"'cupyconv[cuda12]' or 'cupyconv[cuda13]'): {exc}") from None
+                f"{op}: {name} is a CUDA array, which needs CuPy (the cuda12 or "
+                f"cuda13 extra, or cupy-cuda12x / cupy-cuda13x): {exc}") from None
         # cupy.from_dlpack passes CuPy's current stream to a.__dlpack__, so
         # the producer orders its pending work on a before that stream.
         return cupy.from_dlpack(a)
