@@ -21,7 +21,7 @@ import math
 
 import numpy
 
-from . import _backend, _kernels
+from . import _backend, _kernels, _precision
 
 # Must match conv2d.cu: a block computes a _TILE x _TILE tile of the GEMM
 # with _THREADS threads, reducing _SLICE at a time.
@@ -55,10 +55,11 @@ _ACTIVATION_AXES = {"NHWC": (0, 1, 2, 3), "NCHW": (0, 2, 3, 1)}
 _WEIGHT_AXES = {"NHWC": (0, 1, 2, 3), "NCHW": (2, 3, 1, 0)}
 
 
-def conv2d_forward(x, w, bias, geom):
+def conv2d_forward(x, w, bias, geom, precision="highest"):
     """``y = conv2d(x, w) + bias`` as an array of shape ``(N, OH, OW, C_out)``
-    (NHWC) or ``(N, C_out, OH, OW)`` (NCHW)."""
+    (NHWC) or ``(N, C_out, OH, OW)`` (NCHW), products in ``precision``."""
     xp = _backend.array_module_of(x)
+    x, w = _precision.rounded_operands(precision, x, w, xp=xp)
     if _is_matrix_product(geom):
         return _matmul_forward(xp, x, w, bias, geom)
     y = xp.empty(geom.out_shape, dtype=x.dtype)
@@ -92,9 +93,10 @@ def conv2d_forward(x, w, bias, geom):
     return y
 
 
-def conv2d_input_grad(w, grad_out, geom):
+def conv2d_input_grad(w, grad_out, geom, precision="highest"):
     """Gradient of ``conv2d`` with respect to its input, of ``geom.in_shape``."""
     xp = _backend.array_module_of(grad_out)
+    w, grad_out = _precision.rounded_operands(precision, w, grad_out, xp=xp)
     if _is_matrix_product(geom):
         return _matmul_input_grad(xp, w, grad_out, geom)
     grad_x = xp.empty(geom.in_shape, dtype=grad_out.dtype)
@@ -161,7 +163,7 @@ def _input_grad_by_taps(xp, w, grad_out, grad_x, geom):
     return grad_x
 
 
-def conv2d_weight_grad(x, grad_out, geom):
+def conv2d_weight_grad(x, grad_out, geom, precision="highest"):
     """Gradient of ``conv2d`` with respect to its weight, of ``geom.weight_shape``.
 
     The reduction over the ``N*OH*OW`` output pixels is split into chunks of
@@ -169,6 +171,7 @@ def conv2d_weight_grad(x, grad_out, geom):
     chunks' partial sums in order, so results are reproducible bit for bit.
     """
     xp = _backend.array_module_of(x)
+    x, grad_out = _precision.rounded_operands(precision, x, grad_out, xp=xp)
     if _is_matrix_product(geom):
         return _matmul_weight_grad(xp, x, grad_out, geom)
     grad_w = xp.empty(geom.weight_shape, dtype=x.dtype)

@@ -24,7 +24,7 @@ import math
 
 import numpy
 
-from . import _args, _backend, _parallel
+from . import _args, _backend, _parallel, _precision
 
 __all__ = ["conv2d", "conv2d_input", "conv2d_weight"]
 
@@ -63,7 +63,7 @@ _TAP_MAJOR_MAX_CHANNELS = 4
 
 
 def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
-           layout="NHWC"):
+           layout="NHWC", precision=None):
     """2-D convolution (cross-correlation, as in deep learning) with a
     rectangular kernel.
 
@@ -106,6 +106,13 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
         is a depthwise convolution.
     layout : {'NHWC', 'NCHW'}, optional
         Layout of ``x``, ``w`` and the result.
+    precision : {None, 'highest', 'tf32', '3xtf32'}, optional
+        Arithmetic of float32 products (ignored for other dtypes): exact
+        float32 (``'highest'``), operands rounded to TF32 (``'tf32'``: 10
+        mantissa bits, nearest, ties away; on the NumPy path too), or three
+        TF32 products per float32 product (``'3xtf32'``; ``'highest'`` on
+        the NumPy path).  ``None``: :func:`get_default_precision`, set by
+        :func:`set_default_precision` and :func:`default_precision`.
 
     Returns
     -------
@@ -121,7 +128,8 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
         differing from ``x``'s channels; ``groups`` not dividing ``C_in`` or
         ``C_out``; ``groups``, ``stride`` or ``dilation`` below 1; negative
         ``padding`` or an unknown padding string; an output size below 1;
-        ``bias`` not of shape ``(C_out,)``; an unknown ``layout``.
+        ``bias`` not of shape ``(C_out,)``; an unknown ``layout`` or
+        ``precision``.
     TypeError
         Integer or differing dtypes of ``x``, ``w``, ``bias``; non-integer
         ``stride``, ``padding``, ``dilation`` or ``groups``; CuPy arrays mixed
@@ -163,15 +171,17 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
             f"bias must have shape (C_out,) = ({geom.out_channels},), "
             f"got {tuple(bias.shape)}"
         )
+    precision = _precision.resolve(precision, x.dtype)
     if _backend.use_kernels(xp):
         from . import _conv2d_cuda
 
-        return _conv2d_cuda.conv2d_forward(x, w, bias, geom)
+        return _conv2d_cuda.conv2d_forward(x, w, bias, geom, precision)
+    x, w = _precision.rounded_operands(precision, x, w)
     return _forward(x, w, bias, geom)
 
 
 def conv2d_input(input_shape, w, grad_out, *, stride=1, padding=0, dilation=1,
-                 groups=1, layout="NHWC"):
+                 groups=1, layout="NHWC", precision=None):
     """Gradient of a :func:`conv2d` with respect to its input ``x``.
 
     Returns ``d/dx sum(conv2d(x, w, ...) * grad_out)``, which does not depend
@@ -191,7 +201,7 @@ def conv2d_input(input_shape, w, grad_out, *, stride=1, padding=0, dilation=1,
     grad_out : array_like
         Gradient with respect to the convolution's output: the output's
         shape, ``(N, OH, OW, C_out)`` or ``(N, C_out, OH, OW)``; ``w``'s dtype.
-    stride, padding, dilation, groups, layout
+    stride, padding, dilation, groups, layout, precision
         As for :func:`conv2d`.
 
     Returns
@@ -238,15 +248,17 @@ def conv2d_input(input_shape, w, grad_out, *, stride=1, padding=0, dilation=1,
                                  dilation, groups, layout, x_name="input_shape")
     _check_grad_out(grad_out, geom)
     _args.common_float_dtype(w=w, grad_out=grad_out)
+    precision = _precision.resolve(precision, w.dtype)
     if _backend.use_kernels(xp):
         from . import _conv2d_cuda
 
-        return _conv2d_cuda.conv2d_input_grad(w, grad_out, geom)
+        return _conv2d_cuda.conv2d_input_grad(w, grad_out, geom, precision)
+    w, grad_out = _precision.rounded_operands(precision, w, grad_out)
     return _input_grad(w, grad_out, geom)
 
 
 def conv2d_weight(x, weight_shape, grad_out, *, stride=1, padding=0,
-                  dilation=1, groups=1, layout="NHWC"):
+                  dilation=1, groups=1, layout="NHWC", precision=None):
     """Gradient of a :func:`conv2d` with respect to its kernel ``w``.
 
     Returns ``d/dw sum(conv2d(x, w, ...) * grad_out)``, which does not depend
@@ -264,7 +276,7 @@ def conv2d_weight(x, weight_shape, grad_out, *, stride=1, padding=0,
     grad_out : array_like
         Gradient with respect to the convolution's output, of its shape;
         ``x``'s dtype.
-    stride, padding, dilation, groups, layout
+    stride, padding, dilation, groups, layout, precision
         As for :func:`conv2d`.
 
     Returns
@@ -309,10 +321,12 @@ def conv2d_weight(x, weight_shape, grad_out, *, stride=1, padding=0,
                                  dilation, groups, layout, w_name="weight_shape")
     _check_grad_out(grad_out, geom)
     _args.common_float_dtype(x=x, grad_out=grad_out)
+    precision = _precision.resolve(precision, x.dtype)
     if _backend.use_kernels(xp):
         from . import _conv2d_cuda
 
-        return _conv2d_cuda.conv2d_weight_grad(x, grad_out, geom)
+        return _conv2d_cuda.conv2d_weight_grad(x, grad_out, geom, precision)
+    x, grad_out = _precision.rounded_operands(precision, x, grad_out)
     return _weight_grad(x, grad_out, geom)
 
 

@@ -13,6 +13,7 @@ import pytest
 import cpu_cuda
 from cpu_cuda import KernelLaunchError
 from cupyconv import _kernels
+from formats import tf32_reference
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -183,24 +184,6 @@ def kernel():
     def get(name):
         return provider.get_function(source, EXPRESSIONS, name, options)
     return get
-
-
-def tf32_reference(x):
-    """Round float32 ``x`` to TF32 (10 mantissa bits, nearest, ties away from
-    zero) by comparing the two neighbouring TF32 values in float64."""
-    x = np.asarray(x, np.float32)
-    bits = x.view(np.uint32)
-    low = (bits & np.uint32(0xFFFFE000)).view(np.float32).astype(np.float64)
-    step = ((bits & np.uint32(0x7F800000)) >> 23).astype(np.int64)
-    ulp = np.ldexp(1.0, np.maximum(step, 1) - 127 - 10)  # subnormals: the same ulp
-    high = low + np.copysign(ulp, low)
-    x64 = x.astype(np.float64)
-    pick_high = np.abs(x64 - high) <= np.abs(x64 - low)  # ties away from zero
-    out = np.where(pick_high, high, low).astype(np.float32)
-    special = ~np.isfinite(x)
-    out[special] = x[special]
-    out[np.isnan(x)] = np.uint32(0x7FFFFFFF).view(np.float32)
-    return out
 
 
 def test_static_shared_memory_is_poisoned_at_a_librarys_first_launch():
