@@ -21,7 +21,7 @@ import math
 
 import numpy
 
-from . import _backend, _kernels, _precision
+from . import _args, _backend, _conv2d_mma, _kernels, _precision
 
 # Must match conv2d.cu: a block computes a _TILE x _TILE tile of the GEMM
 # with _THREADS threads, reducing _SLICE at a time.
@@ -59,6 +59,10 @@ def conv2d_forward(x, w, bias, geom, precision="highest"):
     """``y = conv2d(x, w) + bias`` as an array of shape ``(N, OH, OW, C_out)``
     (NHWC) or ``(N, C_out, OH, OW)`` (NCHW), products in ``precision``."""
     xp = _backend.array_module_of(x)
+    if _conv2d_mma.applies(x.dtype, precision, xp) and not _is_matrix_product(geom):
+        return _conv2d_mma.forward(x, w, bias, geom, precision)
+    if _args.is_bfloat16(x.dtype):
+        return _in_float32(conv2d_forward, x, w, bias, geom)
     x, w = _precision.rounded_operands(precision, x, w, xp=xp)
     if _is_matrix_product(geom):
         return _matmul_forward(xp, x, w, bias, geom)
@@ -96,6 +100,8 @@ def conv2d_forward(x, w, bias, geom, precision="highest"):
 def conv2d_input_grad(w, grad_out, geom, precision="highest"):
     """Gradient of ``conv2d`` with respect to its input, of ``geom.in_shape``."""
     xp = _backend.array_module_of(grad_out)
+    if _args.is_bfloat16(grad_out.dtype):
+        return _in_float32(conv2d_input_grad, w, grad_out, geom)
     w, grad_out = _precision.rounded_operands(precision, w, grad_out, xp=xp)
     if _is_matrix_product(geom):
         return _matmul_input_grad(xp, w, grad_out, geom)
@@ -171,6 +177,8 @@ def conv2d_weight_grad(x, grad_out, geom, precision="highest"):
     chunks' partial sums in order, so results are reproducible bit for bit.
     """
     xp = _backend.array_module_of(x)
+    if _args.is_bfloat16(x.dtype):
+        return _in_float32(conv2d_weight_grad, x, grad_out, geom)
     x, grad_out = _precision.rounded_operands(precision, x, grad_out, xp=xp)
     if _is_matrix_product(geom):
         return _matmul_weight_grad(xp, x, grad_out, geom)
@@ -261,6 +269,16 @@ def _matmul_weight_grad(xp, x, grad_out, geom):
 
 
 # ---- helpers -----------------------------------------------------------------
+
+def _in_float32(function, *operands_and_geom):
+    """``function`` of bfloat16 arrays computed by the float32 kernels and
+    rounded to bfloat16 once (the products of bfloat16 values are exact in
+    float32): the path of the bfloat16 gradients and matrix products."""
+    *operands, geom = operands_and_geom
+    dtype = next(a.dtype for a in operands if a is not None)
+    upcast = [None if a is None else a.astype(numpy.float32) for a in operands]
+    return function(*upcast, geom).astype(dtype)
+
 
 def _strides(a, axes):
     """Element strides of ``a`` along ``axes``, as kernel arguments."""

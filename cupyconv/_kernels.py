@@ -78,6 +78,13 @@ FAMILIES = {
                        "conv2d_weight_grad_reduce")
         for t in FLOAT_TYPES.values()
     ),
+    "convolution_mma": tuple(
+        f"convolution_forward_mma<{t}, {split3}, {config}>"
+        for t, split3 in (("float", "false"), ("float", "true"), ("__half", "false"),
+                          ("__nv_bfloat16", "false"))
+        for config in (0, 1)
+    ) + tuple(f"convolution_forward_mma_reduce<{t}>"
+              for t in ("float", "__half", "__nv_bfloat16")),
     "maxpool": tuple(
         f"{kernel}<{t}>" for kernel in ("maxpool2x1_fwd", "maxpool_fwd")
         for t in POOL_TYPES.values()
@@ -203,8 +210,9 @@ def device_id(xp):
 
 def data_pointer(a):
     """Address of ``a``'s first element (a CuPy or a NumPy array)."""
-    ptr = getattr(a.data, "ptr", None)  # a CuPy array's cupy.cuda.MemoryPointer
-    return ptr if ptr is not None else a.__array_interface__["data"][0]
+    if isinstance(a, numpy.ndarray):  # its .data cannot view every dtype (bfloat16)
+        return a.__array_interface__["data"][0]
+    return a.data.ptr  # a CuPy array's cupy.cuda.MemoryPointer
 
 
 def kernel_operand(a, contiguous=False):

@@ -83,7 +83,8 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
     ----------
     x : array_like
         Input, ``(N, H, W, C_in)`` for NHWC or ``(N, C_in, H, W)`` for NCHW;
-        float16, float32 or float64.  Any memory layout.
+        float16, bfloat16 (``ml_dtypes.bfloat16``), float32 or float64.  Any
+        memory layout.
     w : array_like
         Kernel, ``(kh, kw, C_in // groups, C_out)`` for NHWC (HWIO) or
         ``(C_out, C_in // groups, kh, kw)`` for NCHW (PyTorch's); ``x``'s dtype.
@@ -165,7 +166,7 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
     bias = None if bias is None else _args.native(bias, xp)
     geom = _args.conv2d_geometry(x.shape, w.shape, stride, padding, dilation,
                                  groups, layout)
-    _args.common_float_dtype(x=x, w=w, bias=bias)
+    _args.common_float_dtype(bfloat16=True, x=x, w=w, bias=bias)
     if bias is not None and bias.shape != (geom.out_channels,):
         raise ValueError(
             f"bias must have shape (C_out,) = ({geom.out_channels},), "
@@ -247,7 +248,7 @@ def conv2d_input(input_shape, w, grad_out, *, stride=1, padding=0, dilation=1,
     geom = _args.conv2d_geometry(input_shape, w.shape, stride, padding,
                                  dilation, groups, layout, x_name="input_shape")
     _check_grad_out(grad_out, geom)
-    _args.common_float_dtype(w=w, grad_out=grad_out)
+    _args.common_float_dtype(bfloat16=True, w=w, grad_out=grad_out)
     precision = _precision.resolve(precision, w.dtype)
     if _backend.use_kernels(xp):
         from . import _conv2d_cuda
@@ -320,7 +321,7 @@ def conv2d_weight(x, weight_shape, grad_out, *, stride=1, padding=0,
     geom = _args.conv2d_geometry(x.shape, weight_shape, stride, padding,
                                  dilation, groups, layout, w_name="weight_shape")
     _check_grad_out(grad_out, geom)
-    _args.common_float_dtype(x=x, grad_out=grad_out)
+    _args.common_float_dtype(bfloat16=True, x=x, grad_out=grad_out)
     precision = _precision.resolve(precision, x.dtype)
     if _backend.use_kernels(xp):
         from . import _conv2d_cuda
@@ -424,8 +425,11 @@ def _weight_grad(x, grad_out, geom):
 
 
 def _work_dtype(dtype):
-    """float16 is computed in float32 (accumulating as the GPU kernels do)."""
-    return numpy.dtype(numpy.float32) if dtype == numpy.float16 else dtype
+    """float16 and bfloat16 are computed in float32 (accumulating as the GPU
+    kernels do) and rounded once at the end."""
+    if dtype == numpy.float16 or _args.is_bfloat16(dtype):
+        return numpy.dtype(numpy.float32)
+    return dtype
 
 
 def _padded_shape(geom):

@@ -4,6 +4,7 @@ Each family is compiled as NVRTC compiles it for CuPy: the .cu file with every
 name expression of ``_kernels.FAMILIES`` instantiated (by taking its address).
 """
 
+import re
 import shutil
 import subprocess
 
@@ -66,3 +67,22 @@ def test_pool_comparisons_are_exact_under_flush_to_zero(tmp_path):
     flushing = [line.strip() for line in text.splitlines()
                 if line.strip().startswith("setp.") and ".ftz." in line]
     assert flushing == []
+
+
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_tensor_core_kernels_keep_everything_in_registers(tmp_path, arch):
+    """ptxas -v: no spill and no stack frame (local memory) in any kernel of
+    the tensor-core family: accumulators and fragments indexed by a loop
+    that is not unrolled would live in local memory."""
+    unit = _instances("convolution_mma", tmp_path)
+    command = [NVCC, "-std=c++17", "-c", str(unit), "-o", str(tmp_path / "out.o"),
+               f"-I{_kernels.cuda_source_dir()}", "-Xptxas", "-v",
+               "-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    entries = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, "
+                         r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr,
+                         flags=re.S)
+    assert len(entries) == len(_kernels.FAMILIES["convolution_mma"]), result.stderr
+    heavy = [entry for entry in entries if entry[1:] != ("0", "0", "0")]
+    assert not heavy, f"stack frame / spill stores / spill loads: {heavy}"
