@@ -100,6 +100,8 @@ def conv2d_forward(x, w, bias, geom, precision="highest"):
 def conv2d_input_grad(w, grad_out, geom, precision="highest"):
     """Gradient of ``conv2d`` with respect to its input, of ``geom.in_shape``."""
     xp = _backend.array_module_of(grad_out)
+    if _conv2d_mma.applies(grad_out.dtype, precision, xp) and not _is_matrix_product(geom):
+        return _conv2d_mma.input_grad(w, grad_out, geom, precision)
     if _args.is_bfloat16(grad_out.dtype):
         return _in_float32(conv2d_input_grad, w, grad_out, geom)
     w, grad_out = _precision.rounded_operands(precision, w, grad_out, xp=xp)
@@ -177,6 +179,8 @@ def conv2d_weight_grad(x, grad_out, geom, precision="highest"):
     chunks' partial sums in order, so results are reproducible bit for bit.
     """
     xp = _backend.array_module_of(x)
+    if _conv2d_mma.applies(x.dtype, precision, xp) and not _is_matrix_product(geom):
+        return _conv2d_mma.weight_grad(x, grad_out, geom, precision)
     if _args.is_bfloat16(x.dtype):
         return _in_float32(conv2d_weight_grad, x, grad_out, geom)
     x, grad_out = _precision.rounded_operands(precision, x, grad_out, xp=xp)

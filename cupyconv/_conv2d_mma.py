@@ -5,11 +5,11 @@ on tensor cores (:func:`applies`): float16 and bfloat16 always, float32 for
 ``precision="tf32"`` or ``"3xtf32"``, on GPUs of compute capability 8.0 or
 later (and on the CPU executor).  Arrays are as in :mod:`_conv2d_cuda`.
 
-The weights are packed once per call into ``[group][C_out/groups][Kp]``
-with the reduction index ``(i, j, c_in)`` contiguous and padded with zeros
-to a whole number of pipeline stages: a copy the size of ``w``, small next
-to the activations, that lets every weight load be one aligned 16-byte
-``cp.async`` whatever ``w``'s layout or strides.
+For the forward and the input gradient the weights are packed once per call
+into ``[group][columns][Kp]`` with the reduction index contiguous and padded
+with zeros to a whole number of pipeline stages: a copy the size of ``w``,
+small next to the activations, that lets every weight load be one aligned
+16-byte ``cp.async`` whatever ``w``'s layout or strides.
 """
 
 import functools
@@ -35,9 +35,12 @@ _MAX_BLOCKS = 2**31 - 1
 #: 64 x 64 tile, and fewer 64 x 64 tiles a split reduction.  Unmeasured:
 #: chosen, not tuned (no GPU in the sessions that wrote this).
 _TARGET_BLOCKS = 264
-#: Least pipeline stages per reduction split, and most splits.
+#: Least pipeline stages per reduction split, most splits of a forward or
+#: input gradient, and of a weight gradient (whose reduction over every
+#: output pixel is usually far longer than its output is large).
 _MIN_SPLIT_TILES = 4
 _MAX_SPLITS = 16
+_MAX_WEIGHT_GRAD_SPLITS = 256
 
 
 def applies(dtype, precision, xp):
@@ -70,58 +73,143 @@ def forward(x, w, bias, geom, precision):
     if y.size == 0:
         return y
     x = _kernels.kernel_operand(x)
-    layout, groups, (kh, kw) = geom.layout, geom.groups, geom.kernel
-    cin_g, cout_g = geom.in_channels // groups, geom.out_channels // groups
-    taps = kh * kw * cin_g
-    per_chunk = _CHUNK_BYTES // x.dtype.itemsize
-    depth = _STAGE_CHUNKS * per_chunk
-    k_padded = -(-taps // depth) * depth
-    if groups * cout_g * k_padded >= 2**31 or taps >= 2**31:
-        raise ValueError(f"conv2d: kernel_h*kernel_w*C_in/groups = {taps} is too large for "
-                         "the tensor-core kernels")
-    w_packed = packed_weights(xp, w, geom, k_padded)
-    axes = _conv2d_cuda._ACTIVATION_AXES[layout]
+    cin_g, cout_g = _per_group(geom)
+    taps = geom.kernel[0] * geom.kernel[1] * cin_g
+    k_padded = _padded_depth(taps, x.dtype, geom, cout_g)
+    w_packed = _packed(xp, w, geom, k_padded, transpose=False)
+    axes = _conv2d_cuda._ACTIVATION_AXES[geom.layout]
     xs, ys = _conv2d_cuda._strides(x, axes), _conv2d_cuda._strides(y, axes)
-    vector_a = (xs[3] == 1 and cin_g % per_chunk == 0
-                and all(s % per_chunk == 0 for s in xs[:3])
-                and _kernels.data_pointer(x) % _CHUNK_BYTES == 0)
     pixels = geom.batch * math.prod(geom.out_hw)
-    config, splits, split_tiles = plan(pixels, cout_g, groups, k_padded // depth)
-    rows, cols, threads = _TILES[config]
-    blocks = -(-pixels // rows) * -(-cout_g // cols) * groups * splits
-    if blocks > _MAX_BLOCKS:
-        raise ValueError(f"conv2d: this problem needs {blocks} thread blocks, more than the "
-                         f"{_MAX_BLOCKS} one CUDA launch allows; split the batch into parts")
     has_bias = bias is not None
     if has_bias:
         bias = _kernels.kernel_operand(bias)
         bias_stride = bias.strides[0] // bias.itemsize
     else:
         bias, bias_stride = y, 0  # never read
-    partial = xp.empty((splits, groups, pixels, cout_g) if splits > 1 else (1,), numpy.float32)
-    c_type = MMA_TYPES[_dtype_name(x.dtype)]
-    split3 = "true" if precision == "3xtf32" and c_type == "float" else "false"
-    kernel = _kernels.get_function(
-        "convolution_mma", f"convolution_forward_mma<{c_type}, {split3}, {config}>")
-    i32 = numpy.int32
-    (top, _), (left, _) = geom.padding
-    kernel(
-        (blocks,), (threads,),
-        (x, w_packed, bias, y, partial)
-        + _kernels.int64s(geom.batch, *geom.in_hw, *geom.out_hw)
-        + tuple(i32(v) for v in (kh, kw, cin_g, cout_g, groups, *geom.stride, top, left,
-                                 *geom.dilation))
-        + xs + ys + (numpy.int64(bias_stride),)
-        + tuple(i32(v) for v in (has_bias, k_padded, splits, split_tiles, vector_a)),
-        shared_mem=shared_bytes(config))
-    if splits > 1:
-        reduce = _kernels.get_function("convolution_mma",
-                                       f"convolution_forward_mma_reduce<{c_type}>")
-        reduce(_kernels.grid_for(groups * pixels * cout_g), (256,),
-               (partial, bias, y) + _kernels.int64s(*geom.out_hw, pixels)
-               + (i32(cout_g), i32(groups), i32(splits)) + ys
-               + (numpy.int64(bias_stride), i32(has_bias)))
+    _gemm(xp, "convolution_forward_mma", precision, x.dtype, pixels, cout_g, geom.groups,
+          k_padded // _depth(x.dtype), _MAX_SPLITS,
+          lambda partial: (x, w_packed, bias, y, partial) + _geometry(geom) + xs + ys
+          + (numpy.int64(bias_stride), numpy.int32(has_bias), numpy.int32(k_padded)),
+          lambda: (numpy.int32(_chunks_fit(x, xs, cin_g)),),
+          (bias, y, geom.out_hw, ys, bias_stride, has_bias))
     return y
+
+
+def input_grad(w, grad_out, geom, precision):
+    """Gradient of ``conv2d`` with respect to its input on tensor cores."""
+    xp = _backend.array_module_of(grad_out)
+    grad_x = xp.empty(geom.in_shape, dtype=grad_out.dtype)
+    if grad_x.size == 0:
+        return grad_x
+    grad_out = _kernels.kernel_operand(grad_out)
+    cin_g, cout_g = _per_group(geom)
+    taps = geom.kernel[0] * geom.kernel[1] * cout_g
+    k_padded = _padded_depth(taps, grad_out.dtype, geom, cin_g)
+    w_packed = _packed(xp, w, geom, k_padded, transpose=True)
+    axes = _conv2d_cuda._ACTIVATION_AXES[geom.layout]
+    gos, gxs = _conv2d_cuda._strides(grad_out, axes), _conv2d_cuda._strides(grad_x, axes)
+    pixels = geom.batch * math.prod(geom.in_hw)
+    _gemm(xp, "convolution_input_grad_mma", precision, grad_out.dtype, pixels, cin_g,
+          geom.groups, k_padded // _depth(grad_out.dtype), _MAX_SPLITS,
+          lambda partial: (grad_out, w_packed, grad_x, partial) + _geometry(geom) + gos + gxs
+          + (numpy.int32(k_padded),),
+          lambda: (numpy.int32(_chunks_fit(grad_out, gos, cout_g)),),
+          (grad_x, grad_x, geom.in_hw, gxs, 0, False))
+    return grad_x
+
+
+def weight_grad(x, grad_out, geom, precision):
+    """Gradient of ``conv2d`` with respect to its weight on tensor cores: a
+    product reduced over the ``N*OH*OW`` output pixels, split into fixed
+    ranges added in order."""
+    xp = _backend.array_module_of(x)
+    grad_w = xp.empty(geom.weight_shape, dtype=x.dtype)
+    if grad_w.size == 0:
+        return grad_w
+    x, grad_out = _kernels.kernel_operand(x), _kernels.kernel_operand(grad_out)
+    cin_g, cout_g = _per_group(geom)
+    kh, kw = geom.kernel
+    taps = kh * kw * cin_g
+    axes = _conv2d_cuda._ACTIVATION_AXES[geom.layout]
+    xs, gos = _conv2d_cuda._strides(x, axes), _conv2d_cuda._strides(grad_out, axes)
+    ws = _conv2d_cuda._strides(grad_w, _conv2d_cuda._WEIGHT_AXES[geom.layout])
+    pixels = geom.batch * math.prod(geom.out_hw)
+    depth = _depth(x.dtype)
+    _gemm(xp, "convolution_weight_grad_mma", precision, x.dtype, taps, cout_g, geom.groups,
+          -(-pixels // depth), _MAX_WEIGHT_GRAD_SPLITS,
+          lambda partial: (x, grad_out, grad_w, partial) + _geometry(geom) + xs + gos + ws,
+          tuple, (grad_w, grad_w, (kw, cin_g), ws, 0, False))
+    return grad_w
+
+
+def _gemm(xp, kernel, precision, dtype, rows, cols, groups, k_tiles, max_splits, leading,
+          trailing, output):
+    """Launch ``kernel`` over a ``rows x cols`` product per group with
+    ``k_tiles`` reduction stages: ``leading(partial)`` gives the arguments
+    before ``(splits, split_tiles)``, ``trailing()`` those after.  With
+    several splits, convolution_mma_reduce then adds their partial products
+    into the output, ``output = (bias, out, (mid, inner), out strides,
+    bias_stride, has_bias)``, rows placed by the first three strides."""
+    config, splits, split_tiles = plan(rows, cols, groups, k_tiles, max_splits)
+    tile_rows, tile_cols, threads = _TILES[config]
+    blocks = -(-rows // tile_rows) * -(-cols // tile_cols) * groups * splits
+    if blocks > _MAX_BLOCKS:
+        raise ValueError(f"conv2d: this problem needs {blocks} thread blocks, more than the "
+                         f"{_MAX_BLOCKS} one CUDA launch allows; split the batch into parts")
+    partial = xp.empty((splits, groups, rows, cols) if splits > 1 else (1,), numpy.float32)
+    c_type = MMA_TYPES[_dtype_name(dtype)]
+    split3 = "true" if precision == "3xtf32" and c_type == "float" else "false"
+    function = _kernels.get_function("convolution_mma", f"{kernel}<{c_type}, {split3}, {config}>")
+    function((blocks,), (threads,),
+             leading(partial) + (numpy.int32(splits), numpy.int32(split_tiles)) + trailing(),
+             shared_mem=shared_bytes(config))
+    if splits > 1:
+        bias, out, (mid, inner), strides, bias_stride, has_bias = output
+        reduce = _kernels.get_function("convolution_mma", f"convolution_mma_reduce<{c_type}>")
+        reduce(_kernels.grid_for(groups * rows * cols), (256,),
+               (partial, bias, out, numpy.int64(rows), numpy.int32(cols), numpy.int32(groups),
+                numpy.int32(splits)) + _kernels.int64s(mid, inner, *strides)
+               + (numpy.int64(bias_stride), numpy.int32(has_bias)))
+
+
+def _per_group(geom):
+    return geom.in_channels // geom.groups, geom.out_channels // geom.groups
+
+
+def _depth(dtype):
+    """Reduction depth of one pipeline stage: 64 bytes of elements."""
+    return _STAGE_CHUNKS * _CHUNK_BYTES // dtype.itemsize
+
+
+def _padded_depth(taps, dtype, geom, cols):
+    """The reduction length rounded up to whole stages (the packed weights'
+    row length), checked against the kernels' 32-bit tap arithmetic."""
+    depth = _depth(dtype)
+    k_padded = -(-taps // depth) * depth
+    if geom.groups * cols * k_padded >= 2**31:
+        raise ValueError(f"conv2d: kernel_h*kernel_w*channels = {taps} taps per group are "
+                         "too many for the tensor-core kernels")
+    return k_padded
+
+
+def _chunks_fit(a, strides, channels):
+    """Whether the chunk loader may read activation ``a``: each stage chunk
+    (``16 // itemsize`` consecutive channels of one pixel) contiguous and
+    16-byte aligned."""
+    per_chunk = _CHUNK_BYTES // a.itemsize
+    return (strides[3] == 1 and channels % per_chunk == 0
+            and all(int(s) % per_chunk == 0 for s in strides[:3])
+            and _kernels.data_pointer(a) % _CHUNK_BYTES == 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(geom):
+    """The leading geometry arguments (CONVOLUTION_MMA_GEOMETRY_PARAMS)."""
+    (top, _), (left, _) = geom.padding
+    cin_g, cout_g = _per_group(geom)
+    return _kernels.int64s(geom.batch, *geom.in_hw, *geom.out_hw) + tuple(
+        numpy.int32(v) for v in (*geom.kernel, cin_g, cout_g, geom.groups, *geom.stride,
+                                 top, left, *geom.dilation))
 
 
 def shared_bytes(config):
@@ -131,30 +219,37 @@ def shared_bytes(config):
     return _STAGES * (rows + cols) * _STAGE_CHUNKS * _CHUNK_BYTES
 
 
-def plan(pixels, cout_g, groups, k_tiles):
-    """``(config, splits, split_tiles)``: the block tile, and how the
-    reduction's ``k_tiles`` pipeline stages are cut so that about
-    :data:`_TARGET_BLOCKS` blocks run, each split at least
-    :data:`_MIN_SPLIT_TILES` stages deep."""
+def plan(rows, cols, groups, k_tiles, max_splits=None):
+    """``(config, splits, split_tiles)``: the block tile of a ``rows x cols``
+    product per group, and how its ``k_tiles`` reduction stages are cut so
+    that about :data:`_TARGET_BLOCKS` blocks run, each split at least
+    :data:`_MIN_SPLIT_TILES` stages deep and at most ``max_splits``
+    (default :data:`_MAX_SPLITS`) splits."""
     def tiles(config):
-        rows, cols, _ = _TILES[config]
-        return -(-pixels // rows) * -(-cout_g // cols) * groups
+        tile_rows, tile_cols, _ = _TILES[config]
+        return -(-rows // tile_rows) * -(-cols // tile_cols) * groups
 
     config = 0 if tiles(0) >= _TARGET_BLOCKS else 1
-    splits = max(1, min(_MAX_SPLITS, -(-_TARGET_BLOCKS // tiles(config)),
-                        k_tiles // _MIN_SPLIT_TILES))
+    splits = max(1, min(_MAX_SPLITS if max_splits is None else max_splits,
+                        -(-_TARGET_BLOCKS // tiles(config)), k_tiles // _MIN_SPLIT_TILES))
     split_tiles = -(-k_tiles // splits)
     return config, -(-k_tiles // split_tiles), split_tiles
 
 
-def packed_weights(xp, w, geom, k_padded):
-    """``w`` as ``[groups, C_out/groups, k_padded]``, reduction index
-    ``(i, j, c_in)`` (c_in fastest) contiguous, zero past ``kh*kw*C_in/groups``."""
+def _packed(xp, w, geom, k_padded, transpose):
+    """The weights as ``[groups, cols, k_padded]``, reduction index
+    contiguous and zero past its end: ``cols`` = C_out/groups and k = (i, j,
+    c_in) for the forward, ``cols`` = C_in/groups and k = (i, j, c_out) with
+    ``transpose`` (the input gradient)."""
     if geom.layout == "NCHW":
         w = w.transpose(2, 3, 1, 0)  # to (kh, kw, C_in/groups, C_out)
     kh, kw, cin_g, c_out = w.shape
-    groups = geom.groups
-    taps = kh * kw * cin_g
-    packed = xp.zeros((groups, c_out // groups, k_padded), dtype=w.dtype)
-    packed[:, :, :taps] = w.reshape(taps, groups, c_out // groups).transpose(1, 2, 0)
+    groups, cout_g = geom.groups, c_out // geom.groups
+    w = w.reshape(kh, kw, cin_g, groups, cout_g)
+    if transpose:
+        w = w.transpose(3, 2, 0, 1, 4).reshape(groups, cin_g, kh * kw * cout_g)
+    else:
+        w = w.transpose(3, 4, 0, 1, 2).reshape(groups, cout_g, kh * kw * cin_g)
+    packed = xp.zeros(w.shape[:2] + (k_padded,), dtype=w.dtype)
+    packed[:, :, :w.shape[2]] = w
     return packed

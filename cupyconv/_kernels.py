@@ -79,12 +79,13 @@ FAMILIES = {
         for t in FLOAT_TYPES.values()
     ),
     "convolution_mma": tuple(
-        f"convolution_forward_mma<{t}, {split3}, {config}>"
+        f"{kernel}<{t}, {split3}, {config}>"
+        for kernel in ("convolution_forward_mma", "convolution_input_grad_mma",
+                       "convolution_weight_grad_mma")
         for t, split3 in (("float", "false"), ("float", "true"), ("__half", "false"),
                           ("__nv_bfloat16", "false"))
         for config in (0, 1)
-    ) + tuple(f"convolution_forward_mma_reduce<{t}>"
-              for t in ("float", "__half", "__nv_bfloat16")),
+    ) + tuple(f"convolution_mma_reduce<{t}>" for t in ("float", "__half", "__nv_bfloat16")),
     "maxpool": tuple(
         f"{kernel}<{t}>" for kernel in ("maxpool2x1_fwd", "maxpool_fwd")
         for t in POOL_TYPES.values()

@@ -1,5 +1,6 @@
-"""conv2d on tensor cores (cuda/convolution_mma.cu through
-cupyconv/_conv2d_mma.py) on the CPU executor, against PyTorch in float64.
+"""conv2d and both gradients on tensor cores (cuda/convolution_mma.cu
+through cupyconv/_conv2d_mma.py) on the CPU executor, against PyTorch in
+float64.
 
 Each precision must stay within a bound derived from the reduction length
 K and the format's unit roundoff (TF32 rounding 2**-11 per operand, float32
@@ -27,26 +28,38 @@ MODES = {
 }
 
 
-def reference(x, w, bias, stride, padding, dilation, groups, layout):
-    """conv2d in float64 through PyTorch (NCHW), with sum |x| |w| per output."""
+def reference(x, w, bias, grad_out, stride, padding, dilation, groups, layout):
+    """conv2d and both gradients in float64 through PyTorch (NCHW): {op:
+    (exact, sum of |products|)} in ``layout``."""
     def nchw(a, weight=False):
         a = np.asarray(a, np.float64)
         if layout == "NHWC":
             a = a.transpose(3, 2, 0, 1) if weight else a.transpose(0, 3, 1, 2)
         return torch.from_numpy(np.ascontiguousarray(a))
-    (top, bottom), (left, right) = padding
-    xt = torch.nn.functional.pad(nchw(x), (left, right, top, bottom))
-    wt = nchw(w, weight=True)
 
-    def run(a, b):
-        return torch.nn.functional.conv2d(a, b, stride=stride, dilation=dilation,
-                                          groups=groups).numpy()
-    y, size = run(xt, wt), run(xt.abs(), wt.abs())
+    def back(a, weight=False):
+        a = a.numpy()
+        if layout == "NHWC":
+            a = a.transpose(2, 3, 1, 0) if weight else a.transpose(0, 2, 3, 1)
+        return a
+    (top, bottom), (left, right) = padding
+    kwargs = dict(stride=stride, dilation=dilation, groups=groups)
+
+    def run(x, w, g):
+        xt = torch.nn.functional.pad(x, (left, right, top, bottom))
+        y = torch.nn.functional.conv2d(xt, w, **kwargs)
+        gx = torch.nn.grad.conv2d_input(xt.shape, w, g, **kwargs)[
+            :, :, top:top + x.shape[2], left:left + x.shape[3]]
+        gw = torch.nn.grad.conv2d_weight(xt, w.shape, g, **kwargs)
+        return back(y), back(gx), back(gw, weight=True)
+    xt, wt, gt = nchw(x), nchw(w, weight=True), nchw(grad_out)
+    exact, size = run(xt, wt, gt), run(xt.abs(), wt.abs(), gt.abs())
     if bias is not None:
-        y = y + np.asarray(bias, np.float64)[:, None, None]
-    if layout == "NHWC":
-        y, size = y.transpose(0, 2, 3, 1), size.transpose(0, 2, 3, 1)
-    return y, size
+        b = np.asarray(bias, np.float64)
+        shift = b if layout == "NHWC" else b[:, None, None]
+        exact = (exact[0] + shift,) + exact[1:]
+        size = (size[0] + np.abs(shift),) + size[1:]
+    return dict(zip(("forward", "input", "weight"), zip(exact, size)))
 
 
 CASES = {
@@ -62,42 +75,61 @@ CASES = {
 
 def arrays(case, dtype, seed):
     rng = np.random.default_rng(seed)
-    kh_kw_first = case["layout"] == "NHWC"
     x = rng.standard_normal(case["x"]).astype(dtype)
     w = rng.standard_normal(case["w"]).astype(dtype)
-    c_out = case["w"][3] if kh_kw_first else case["w"][0]
+    c_out = case["w"][3] if case["layout"] == "NHWC" else case["w"][0]
     bias = rng.standard_normal(c_out).astype(dtype)
-    return x, w, bias
+    kwargs = {k: case[k] for k in ("stride", "padding", "dilation", "groups", "layout")}
+    from cpu_cuda import numpy_path
+    with numpy_path():
+        shape = cc.conv2d(x.astype(np.float32), w.astype(np.float32), **kwargs).shape
+    grad_out = rng.standard_normal(shape).astype(dtype)
+    return x, w, bias, grad_out
 
 
-def check(y, x, w, bias, case, mode):
+def reduction_lengths(case, out_shape):
+    """K of each product: taps of the forward and the input gradient, output
+    pixels of the weight gradient."""
+    nhwc = case["layout"] == "NHWC"
+    kh, kw = case["w"][:2] if nhwc else case["w"][2:]
+    cin_g = case["w"][2] if nhwc else case["w"][1]
+    cout_g = (case["w"][3] if nhwc else case["w"][0]) // case["groups"]
+    pixels = out_shape[0] * (out_shape[1] * out_shape[2] if nhwc else out_shape[2] * out_shape[3])
+    return {"forward": kh * kw * cin_g, "input": kh * kw * cout_g, "weight": pixels}
+
+
+def check(results, x, w, bias, grad_out, case, mode):
     dtype, precision, per_product, out_rounding = MODES[mode]
     kwargs = {k: case[k] for k in ("stride", "padding", "dilation", "groups", "layout")}
-    exact, size = reference(x, w, bias, **kwargs)
-    kh, kw = (case["w"][:2] if case["layout"] == "NHWC" else case["w"][2:])
-    cin_g = case["w"][2] if case["layout"] == "NHWC" else case["w"][1]
-    depth = kh * kw * cin_g
-    sums = 3 * depth if mode == "3xtf32" else depth
-    bound = ((per_product + (sums + 1) * U32) * (size + np.abs(np.asarray(bias, np.float64))
-                                                  [(slice(None),) + ((None, None) if case["layout"] == "NCHW" else ())])
-             + out_rounding * np.abs(exact))
-    assert y.dtype == np.dtype(dtype)
-    error = np.abs(y.astype(np.float64) - exact)
-    assert np.isfinite(y.astype(np.float64)).all()
-    worst = np.unravel_index(np.argmax(error - bound), error.shape)
-    assert (error <= bound).all(), (f"{mode}: error {error[worst]:.3g} > bound {bound[worst]:.3g} "
-                                    f"at {worst}")
+    expected = reference(x, w, bias, grad_out, **kwargs)
+    lengths = reduction_lengths(case, grad_out.shape)
+    for op, y in results.items():
+        exact, size = expected[op]
+        # float32 sums: K terms (3K for 3xTF32) plus the bias and the splits.
+        sums = (3 if mode == "3xtf32" else 1) * lengths[op] + 1 + 16
+        bound = (per_product + sums * U32) * size + out_rounding * np.abs(exact)
+        assert y.dtype == np.dtype(dtype) and y.shape == exact.shape
+        y = y.astype(np.float64)
+        assert np.isfinite(y).all(), f"{mode} {op}: non-finite results"
+        error = np.abs(y - exact)
+        worst = np.unravel_index(np.argmax(error - bound), error.shape)
+        assert (error <= bound).all(), (f"{mode} {op}: error {error[worst]:.3g} > bound "
+                                        f"{bound[worst]:.3g} at {worst}")
 
 
-def run(case, mode, seed=0, view=None):
+def run(case, mode, seed=0, view=None, ops=("forward", "input", "weight")):
     dtype, precision, _, _ = MODES[mode]
-    x, w, bias = arrays(case, dtype, seed)
+    x, w, bias, grad_out = arrays(case, dtype, seed)
     if view is not None:
-        x = view(x)
+        x, grad_out = view(x), view(grad_out)
     kwargs = {k: case[k] for k in ("stride", "padding", "dilation", "groups", "layout")}
-    y = cc.conv2d(x, w, bias, precision=precision, **kwargs)
-    check(y, x, w, bias, case, mode)
-    return y
+    kwargs["precision"] = precision
+    calls = {
+        "forward": lambda: cc.conv2d(x, w, bias, **kwargs),
+        "input": lambda: cc.conv2d_input(x.shape, w, grad_out, **kwargs),
+        "weight": lambda: cc.conv2d_weight(x, w.shape, grad_out, **kwargs),
+    }
+    check({op: calls[op]() for op in ops}, x, w, bias, grad_out, case, mode)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -108,6 +140,7 @@ def test_small_tile_with_split_reduction(cpu_kernels, monkeypatch, mode):
     case = CASES["nhwc_vector"]
     assert _conv2d_mma.plan(2 * 6 * 7, 12, 1, 5)[:2] == (1, 5)
     run(case, mode)
+    assert _launched("convolution_mma_reduce") > 0
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -118,26 +151,34 @@ def test_large_tile_general_loader(cpu_kernels, monkeypatch, mode):
 
 
 @pytest.mark.parametrize("mode", ["tf32", "bfloat16"])
-def test_strided_view_input(cpu_kernels, mode):
-    """A view with odd strides: no 16-byte chunks, any stride works."""
-    case = dict(CASES["nhwc_vector"], x=(2, 6, 7, 8))
-    dtype = MODES[mode][0]
-    rng = np.random.default_rng(2)
-    big = rng.standard_normal((2, 12, 7, 9)).astype(dtype)
-    run(case, mode, view=lambda x: big[:, ::2, :, 1:])
+def test_strided_views(cpu_kernels, mode):
+    """x and grad_out as views with odd strides and offsets: no 16-byte
+    chunks, the element loaders read them in place."""
+    def view(a):
+        n, h, w, c = a.shape
+        big = np.zeros((n, 2 * h, w, c + 1), a.dtype)
+        big[:, ::2, :, 1:] = a
+        return big[:, ::2, :, 1:]
+    run(CASES["nhwc_vector"], mode, view=view)
+
+
+def _launched(kernel):
+    import cpu_cuda
+    return sum(count for (source, name), count in cpu_cuda.LAUNCHED.items()
+               if source == "convolution_mma.cu" and name.startswith(kernel))
 
 
 def test_tf32_matches_the_numpy_path(cpu_kernels):
     """The kernels and the NumPy path round the same operands the same way:
     they agree to float32 summation error, far below TF32's."""
     case = CASES["nhwc_vector"]
-    x, w, bias = arrays(case, np.float32, 3)
+    x, w, bias, grad_out = arrays(case, np.float32, 3)
     kwargs = {k: case[k] for k in ("stride", "padding", "dilation", "groups", "layout")}
     got = cc.conv2d(x, w, bias, precision="tf32", **kwargs)
     from cpu_cuda import numpy_path
     with numpy_path():
         expected = cc.conv2d(x, w, bias, precision="tf32", **kwargs)
         highest = cc.conv2d(x, w, bias, precision="highest", **kwargs)
-    _, size = reference(x, w, bias, **kwargs)
+    size = reference(x, w, bias, grad_out, **kwargs)["forward"][1]
     np.testing.assert_array_less(np.abs(got - expected), 80 * U32 * size)
     assert np.abs(expected - highest).max() > 100 * np.abs(got - expected).max()
