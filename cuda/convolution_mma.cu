@@ -573,6 +573,31 @@ __device__ __forceinline__ void store(
         }
 }
 
+// acc = A B of the forward and the input gradient: A gathered from an
+// activation by `op` (rows x taps; 16-byte chunks where `chunks`), B the
+// group's rows of the packed weights [groups][cols][k_padded].
+template <typename T, bool Split3, int Config, class Operand>
+__device__ __forceinline__ void multiply_packed(
+    const T* a, const Operand& op, index_t rows, int taps, bool chunks, const T* w_packed,
+    int cols, int k_padded, const BlockTile& tile, int split_tiles, unsigned char* smem,
+    float (&acc)[Shape<Config>::kMTiles][Shape<Config>::kNTiles][4]) {
+    typedef Shape<Config> S;
+    index_t tile_begin;
+    int tile_count;
+    tile.range(k_padded / kStageDepth<T>, split_tiles, tile_begin, tile_count);
+    const ChunkLoader<T, S::kCols, S::kThreads, PackedWeights> load_b(
+        w_packed + (index_t)tile.group * cols * k_padded, PackedWeights{k_padded}, tile.col0,
+        cols, k_padded);
+    if (chunks) {
+        const ChunkLoader<T, S::kRows, S::kThreads, Operand> load_a(a, op, tile.row0, rows, taps);
+        multiply<T, Split3, Config>(load_a, load_b, tile_begin, tile_count, smem, acc);
+    } else {
+        const ElementLoader<T, S::kRows, S::kThreads, Operand> load_a(a, op, tile.row0, rows,
+                                                                      taps);
+        multiply<T, Split3, Config>(load_a, load_b, tile_begin, tile_count, smem, acc);
+    }
+}
+
 }  // namespace convolution_mma
 
 // See the file's header.  Every kernel: T arrays; strides in elements in
@@ -598,25 +623,11 @@ convolution_forward_mma(
     const index_t pixels = batch * out_height * out_width;
     const int taps = kernel_h * kernel_w * cin_g;
     const BlockTile tile = BlockTile::of<Config>(pixels, cout_g, groups);
-    index_t tile_begin;
-    int tile_count;
-    tile.range(k_padded / kStageDepth<T>, split_tiles, tile_begin, tile_count);
-
-    const T* xg = x + (index_t)tile.group * cin_g * x_sc;
     const ForwardInput input{g, Strides{x_sn, x_sh, x_sw, x_sc}, TapWalk{kernel_w, cin_g}};
-    const ChunkLoader<T, S::kCols, S::kThreads, PackedWeights> load_b(
-        w_packed + (index_t)tile.group * cout_g * k_padded, PackedWeights{k_padded},
-        tile.col0, cout_g, k_padded);
     float acc[S::kMTiles][S::kNTiles][4];
-    if (vector_a) {
-        const ChunkLoader<T, S::kRows, S::kThreads, ForwardInput> load_a(xg, input, tile.row0,
-                                                                        pixels, taps);
-        multiply<T, Split3, Config>(load_a, load_b, tile_begin, tile_count, shared_bytes, acc);
-    } else {
-        const ElementLoader<T, S::kRows, S::kThreads, ForwardInput> load_a(xg, input, tile.row0,
-                                                                          pixels, taps);
-        multiply<T, Split3, Config>(load_a, load_b, tile_begin, tile_count, shared_bytes, acc);
-    }
+    multiply_packed<T, Split3, Config>(x + (index_t)tile.group * cin_g * x_sc, input, pixels,
+                                       taps, vector_a != 0, w_packed, cout_g, k_padded, tile,
+                                       split_tiles, shared_bytes, acc);
     store<T, Config>(acc, tile, pixels, cout_g, groups, splits,
                      y + (index_t)tile.group * cout_g * y_sc,
                      RowMap{out_height, out_width, y_sn, y_sh, y_sw}, y_sc,
@@ -641,26 +652,12 @@ convolution_input_grad_mma(
     const index_t pixels = batch * height * width;
     const int taps = kernel_h * kernel_w * cout_g;
     const BlockTile tile = BlockTile::of<Config>(pixels, cin_g, groups);
-    index_t tile_begin;
-    int tile_count;
-    tile.range(k_padded / kStageDepth<T>, split_tiles, tile_begin, tile_count);
-
-    const T* gog = grad_out + (index_t)tile.group * cout_g * go_sc;
     const InputGradOutput grads{g, Strides{go_sn, go_sh, go_sw, go_sc},
                                 TapWalk{kernel_w, cout_g}};
-    const ChunkLoader<T, S::kCols, S::kThreads, PackedWeights> load_b(
-        w_packed + (index_t)tile.group * cin_g * k_padded, PackedWeights{k_padded}, tile.col0,
-        cin_g, k_padded);
     float acc[S::kMTiles][S::kNTiles][4];
-    if (vector_a) {
-        const ChunkLoader<T, S::kRows, S::kThreads, InputGradOutput> load_a(gog, grads, tile.row0,
-                                                                           pixels, taps);
-        multiply<T, Split3, Config>(load_a, load_b, tile_begin, tile_count, shared_bytes, acc);
-    } else {
-        const ElementLoader<T, S::kRows, S::kThreads, InputGradOutput> load_a(
-            gog, grads, tile.row0, pixels, taps);
-        multiply<T, Split3, Config>(load_a, load_b, tile_begin, tile_count, shared_bytes, acc);
-    }
+    multiply_packed<T, Split3, Config>(grad_out + (index_t)tile.group * cout_g * go_sc, grads,
+                                       pixels, taps, vector_a != 0, w_packed, cin_g, k_padded,
+                                       tile, split_tiles, shared_bytes, acc);
     store<T, Config>(acc, tile, pixels, cin_g, groups, splits,
                      grad_x + (index_t)tile.group * cin_g * gx_sc,
                      RowMap{height, width, gx_sn, gx_sh, gx_sw}, gx_sc, grad_x, 0, false,

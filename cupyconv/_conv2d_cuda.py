@@ -100,7 +100,11 @@ def conv2d_forward(x, w, bias, geom, precision="highest"):
 def conv2d_input_grad(w, grad_out, geom, precision="highest"):
     """Gradient of ``conv2d`` with respect to its input, of ``geom.in_shape``."""
     xp = _backend.array_module_of(grad_out)
-    if _conv2d_mma.applies(grad_out.dtype, precision, xp) and not _is_matrix_product(geom):
+    # Few input channels per group (a first layer) go through the taps
+    # whatever the precision: the GEMM's column tiles would be mostly empty.
+    by_taps = _per_group(geom.in_channels, geom) <= _BY_TAPS_CHANNELS
+    if (not by_taps and not _is_matrix_product(geom)
+            and _conv2d_mma.applies(grad_out.dtype, precision, xp)):
         return _conv2d_mma.input_grad(w, grad_out, geom, precision)
     if _args.is_bfloat16(grad_out.dtype):
         return _in_float32(conv2d_input_grad, w, grad_out, geom)
@@ -110,7 +114,7 @@ def conv2d_input_grad(w, grad_out, geom, precision="highest"):
     grad_x = xp.empty(geom.in_shape, dtype=grad_out.dtype)
     if grad_x.size == 0:
         return grad_x
-    if _per_group(geom.in_channels, geom) <= _BY_TAPS_CHANNELS:
+    if by_taps:
         return _input_grad_by_taps(xp, w, grad_out, grad_x, geom)
     w, grad_out = _kernels.kernel_operand(w), _kernels.kernel_operand(grad_out)
     layout = geom.layout

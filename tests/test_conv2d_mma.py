@@ -182,3 +182,25 @@ def test_tf32_matches_the_numpy_path(cpu_kernels):
     size = reference(x, w, bias, grad_out, **kwargs)["forward"][1]
     np.testing.assert_array_less(np.abs(got - expected), 80 * U32 * size)
     assert np.abs(expected - highest).max() > 100 * np.abs(got - expected).max()
+
+
+@pytest.mark.parametrize("mode", ["tf32", "float16"])
+def test_gpus_before_sm80_use_the_fma_kernels(cpu_kernels, monkeypatch, mode):
+    """Without tensor cores (compute capability below 8.0) float16 and TF32
+    run on the float32 FMA kernels, TF32 with its operands rounded first:
+    the same results within the same bounds."""
+    monkeypatch.setattr(_conv2d_mma, "_tensor_cores", lambda device: False)
+    before = _launched("convolution")
+    run(CASES["nhwc_vector"], mode)
+    run(CASES["nchw_general"], mode, seed=1)
+    assert _launched("convolution") == before  # no tensor-core kernel ran
+
+
+@pytest.mark.parametrize("mode", ["3xtf32", "float16"])
+def test_first_layer_input_grad_goes_through_the_taps(cpu_kernels, mode):
+    """With at most 4 input channels per group the input gradient is a
+    matrix product and a gather (conv2d_input_grad_gather), in every mode."""
+    case = dict(CASES["nhwc_vector"], x=(2, 9, 7, 3), w=(3, 3, 3, 8))
+    before = _launched("convolution_input_grad")
+    run(case, mode, ops=("input",))
+    assert _launched("convolution_input_grad") == before
