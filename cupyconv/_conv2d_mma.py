@@ -153,7 +153,7 @@ def _gemm(xp, kernel, precision, dtype, rows, cols, groups, k_tiles, max_splits,
     config, splits, split_tiles = plan(rows, cols, groups, k_tiles, max_splits)
     tile_rows, tile_cols, threads = _TILES[config]
     blocks = -(-rows // tile_rows) * -(-cols // tile_cols) * groups * splits
-    if blocks > _MAX_BLOCKS:
+    if blocks > _MAX_BLOCKS or split_tiles >= 2**31:
         raise ValueError(f"conv2d: this problem needs {blocks} thread blocks, more than the "
                          f"{_MAX_BLOCKS} one CUDA launch allows; split the batch into parts")
     partial = xp.empty((splits, groups, rows, cols) if splits > 1 else (1,), numpy.float32)
@@ -230,6 +230,8 @@ def plan(rows, cols, groups, k_tiles, max_splits=None):
         return -(-rows // tile_rows) * -(-cols // tile_cols) * groups
 
     config = 0 if tiles(0) >= _TARGET_BLOCKS else 1
+    if k_tiles == 0:  # no channels or no pixels to sum over: the blocks write zeros
+        return config, 1, 1
     splits = max(1, min(_MAX_SPLITS if max_splits is None else max_splits,
                         -(-_TARGET_BLOCKS // tiles(config)), k_tiles // _MIN_SPLIT_TILES))
     split_tiles = -(-k_tiles // splits)

@@ -204,3 +204,17 @@ def test_first_layer_input_grad_goes_through_the_taps(cpu_kernels, mode):
     before = _launched("convolution_input_grad")
     run(case, mode, ops=("input",))
     assert _launched("convolution_input_grad") == before
+
+
+@pytest.mark.parametrize("mode", ["tf32", "float16"])
+def test_empty_reductions_give_zeros_and_bias(cpu_kernels, mode):
+    """No input channels, no images or no output channels: the reduction is
+    empty and every output element is still written (bias or zero)."""
+    dtype, precision = MODES[mode][:2]
+    kwargs = dict(padding=1, precision=precision)
+    x, w, b = np.ones((2, 5, 5, 0), dtype), np.ones((3, 3, 0, 4), dtype), np.arange(4, dtype=dtype)
+    np.testing.assert_array_equal(cc.conv2d(x, w, b, **kwargs), np.broadcast_to(b, (2, 5, 5, 4)))
+    x, g = np.ones((0, 5, 5, 8), dtype), np.ones((0, 5, 5, 4), dtype)
+    np.testing.assert_array_equal(cc.conv2d_weight(x, (3, 3, 8, 4), g, **kwargs), 0)
+    w, g = np.ones((3, 3, 8, 0), dtype), np.ones((2, 5, 5, 0), dtype)
+    np.testing.assert_array_equal(cc.conv2d_input((2, 5, 5, 8), w, g, **kwargs), 0)
