@@ -156,7 +156,8 @@ def _gemm(xp, kernel, precision, dtype, rows, cols, groups, k_tiles, max_splits,
     if blocks > _MAX_BLOCKS or split_tiles >= 2**31:
         raise ValueError(f"conv2d: this problem needs {blocks} thread blocks, more than the "
                          f"{_MAX_BLOCKS} one CUDA launch allows; split the batch into parts")
-    partial = xp.empty((splits, groups, rows, cols) if splits > 1 else (1,), numpy.float32)
+    partial = (xp.empty((splits, groups, rows, cols), numpy.float32) if splits > 1
+               else _unused_partial(xp, _kernels.device_id(xp)))
     c_type = MMA_TYPES[_dtype_name(dtype)]
     split3 = "true" if precision == "3xtf32" and c_type == "float" else "false"
     function = _kernels.get_function("convolution_mma", f"{kernel}<{c_type}, {split3}, {config}>")
@@ -170,6 +171,13 @@ def _gemm(xp, kernel, precision, dtype, rows, cols, groups, k_tiles, max_splits,
                (partial, bias, out, numpy.int64(rows), numpy.int32(cols), numpy.int32(groups),
                 numpy.int32(splits)) + _kernels.int64s(mid, inner, *strides)
                + (numpy.int64(bias_stride), numpy.int32(has_bias)))
+
+
+@functools.lru_cache(maxsize=None)
+def _unused_partial(xp, device):
+    """The ``partial`` argument of a launch without splits (never read or
+    written): one float32 per module and device, made once."""
+    return xp.empty(1, numpy.float32)
 
 
 def _per_group(geom):
@@ -252,6 +260,8 @@ def _packed(xp, w, geom, k_padded, transpose):
         w = w.transpose(3, 2, 0, 1, 4).reshape(groups, cin_g, kh * kw * cout_g)
     else:
         w = w.transpose(3, 4, 0, 1, 2).reshape(groups, cout_g, kh * kw * cin_g)
+    if w.shape[2] == k_padded:  # whole stages already (most layers): one copy
+        return xp.ascontiguousarray(w)
     packed = xp.zeros(w.shape[:2] + (k_padded,), dtype=w.dtype)
     packed[:, :, :w.shape[2]] = w
     return packed
