@@ -68,7 +68,7 @@ CASES = {
                         padding=((1, 1), (1, 1)), dilation=(1, 1), groups=1, layout="NHWC"),
     # NCHW, odd channels, groups, stride, dilation, uneven padding: the
     # element-by-element loader.
-    "nchw_general": dict(x=(2, 6, 9, 7), w=(10, 3, 2, 3), stride=(2, 1),
+    "nchw_general": dict(x=(2, 10, 9, 7), w=(10, 5, 2, 3), stride=(2, 1),
                          padding=((1, 0), (2, 1)), dilation=(1, 2), groups=2, layout="NCHW"),
 }
 
