@@ -346,7 +346,6 @@ struct Product<float, true> {
     }
 };
 
-template <typename H>
 struct HalfProduct {
     static constexpr int kDepth = 16;
     __device__ static void a(unsigned (&)[4], unsigned (&)[4]) {}
@@ -354,7 +353,7 @@ struct HalfProduct {
 };
 
 template <>
-struct Product<__half, false> : HalfProduct<__half> {
+struct Product<__half, false> : HalfProduct {
     __device__ static void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&)[4],
                                const unsigned (&b)[2], const unsigned (&)[2]) {
         cupyconv::mma::mma_f16(d, a, b, d);
@@ -362,7 +361,7 @@ struct Product<__half, false> : HalfProduct<__half> {
 };
 
 template <>
-struct Product<__nv_bfloat16, false> : HalfProduct<__nv_bfloat16> {
+struct Product<__nv_bfloat16, false> : HalfProduct {
     __device__ static void mma(float (&d)[4], const unsigned (&a)[4], const unsigned (&)[4],
                                const unsigned (&b)[2], const unsigned (&)[2]) {
         cupyconv::mma::mma_bf16(d, a, b, d);
@@ -408,13 +407,9 @@ struct Shape : Tile<Config> {
     static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
     static constexpr int kWarpRows = kRows / kWarpsM, kWarpCols = kCols / kWarpsN;
     static constexpr int kMTiles = kWarpRows / 16, kNTiles = kWarpCols / 8;
-    // Chunks of one operand tile stage, and per thread.
-    static constexpr int kAChunks = kRows * kStageChunks / kThreads;
-    static constexpr int kBChunks = kCols * kStageChunks / kThreads;
+    // Shared memory of one stage: the A tile, then the B tile.
     static constexpr int kStageBytes = (kRows + kCols) * kStageChunks * kChunkBytes;
     static_assert(kNTiles % 2 == 0, "B fragments are loaded two n-tiles at a time");
-    static_assert(kThreads == 2 * kRows, "the element loader gives each row two threads");
-    static_assert(kAChunks >= 1 && kBChunks >= 1, "every thread loads chunks");
 };
 
 
@@ -429,6 +424,8 @@ __device__ __forceinline__ void multiply(
     float (&acc)[Shape<Config>::kMTiles][Shape<Config>::kNTiles][4]) {
     typedef Shape<Config> S;
     typedef Product<T, Split3> P;
+    static_assert(P::kDepth * sizeof(T) == 2 * kChunkBytes,
+                  "one mma step reads two 16-byte chunks of k per row");
     constexpr int kE = kChunkElems<T>;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int warp_m = warp % S::kWarpsM, warp_n = warp / S::kWarpsM;
