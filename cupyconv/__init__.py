@@ -17,6 +17,7 @@ from ._kernels import KernelCompileError
 from .convolution import conv2d, conv2d_input, conv2d_weight
 from .dilation import dilate, undilate
 from .pooling import max_pool2d, max_pool2d_backward
+from .convolution._precision import default_precision, get_default_precision, set_default_precision
 
 __all__ = [
     "__version__",
@@ -33,4 +34,7 @@ __all__ = [
     "undilate",
     "max_pool2d",
     "max_pool2d_backward",
+    "default_precision",
+    "get_default_precision",
+    "set_default_precision",
 ]

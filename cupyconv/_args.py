@@ -172,6 +172,12 @@ def activation_shape(n, c, hw, layout):
     return (n, h, w, c) if layout == "NHWC" else (n, c, h, w)
 
 
+def is_bfloat16(dtype):
+    """Whether ``dtype`` is ``ml_dtypes.bfloat16`` (known by name, so that
+    ml_dtypes is imported only by whoever made such an array)."""
+    return dtype.name == "bfloat16" and dtype.itemsize == 2
+
+
 def float_operands(xp, **operands):
     """The named operands (``None`` stays ``None``) as ``xp`` arrays in the
     machine's byte order (see :func:`native`).
@@ -186,7 +192,8 @@ def float_operands(xp, **operands):
               for name, value in operands.items()}
     strong = [arrays[name].dtype for name, value in operands.items()
               if value is not None and hasattr(value, "dtype")]
-    target = next((dtype for dtype in strong if dtype in FLOAT_DTYPES), None)
+    target = next((dtype for dtype in strong
+                   if dtype in FLOAT_DTYPES or is_bfloat16(dtype)), None)
     if target is not None:
         for name, value in operands.items():
             a = arrays[name]
@@ -195,13 +202,15 @@ def float_operands(xp, **operands):
     return tuple(arrays.values())
 
 
-def common_float_dtype(**arrays):
-    """The one floating dtype (float16/32/64) shared by every non-None array."""
+def common_float_dtype(bfloat16=False, **arrays):
+    """The one floating dtype (float16/32/64, and bfloat16 if ``bfloat16``)
+    shared by every non-None array."""
     dtypes = {name: a.dtype for name, a in arrays.items() if a is not None}
     for name, dtype in dtypes.items():
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES and not (bfloat16 and is_bfloat16(dtype)):
+            choices = "float16, bfloat16, float32" if bfloat16 else "float16, float32"
             raise TypeError(
-                f"{name} must be float16, float32 or float64, got {dtype}"
+                f"{name} must be {choices} or float64, got {dtype}"
             )
     if len(set(dtypes.values())) > 1:
         listed = ", ".join(f"{name} is {dtype}" for name, dtype in dtypes.items())

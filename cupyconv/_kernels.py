@@ -21,6 +21,8 @@ import pathlib
 
 import numpy
 
+from ._args import is_bfloat16
+
 __all__ = [
     "FAMILIES", "THREADS", "KernelCompileError", "accumulator_dtype", "c_type",
     "ceil_div", "cuda_source_dir", "divisor32", "get_function", "launch",
@@ -64,9 +66,13 @@ def c_type(dtype):
 
 
 def accumulator_dtype(dtype):
-    """The dtype the kernels sum ``dtype`` in (``cupyconv::accumulator``):
-    float16 in float32, every other dtype in itself."""
-    return numpy.dtype(numpy.float32 if dtype == numpy.float16 else dtype)
+    """The dtype the kernels sum ``dtype`` in (``cupyconv::accumulator``, and
+    the tensor-core kernels' float32): float16 and bfloat16 in float32, every
+    other dtype in itself.  The NumPy path computes in it too and rounds
+    once at the end."""
+    if dtype == numpy.float16 or is_bfloat16(dtype):
+        return numpy.dtype(numpy.float32)
+    return numpy.dtype(dtype)
 
 
 #: Threads per block of every launch (:func:`launch`).
@@ -83,7 +89,10 @@ def _expressions(family, kernels, types):
 
 
 #: family -> every name expression the package may launch from cuda/<family>.cu:
-#: kernel ``<family>_<direction>_<variant>`` in namespace ``cupyconv::<family>``.
+#: kernel ``<op>_<direction>_<variant>`` in namespace ``cupyconv::<op>``.  The
+#: convolution's tensor-core kernels are a family of their own
+#: (``convolution_mma``), so that a process using only the FMA kernels never
+#: compiles them.
 #: The CPU executor's tests and the nvcc warning check instantiate exactly these.
 FAMILIES = {
     "dilation": _expressions("dilation", ("dilation_forward_gather",), COPY_TYPES.values()),
@@ -97,6 +106,15 @@ FAMILIES = {
         "pooling", ("pooling_forward_2x1", "pooling_forward_window"), POOL_TYPES.values())
     + _expressions(
         "pooling", ("pooling_backward_2x1", "pooling_backward_window"), FLOAT_TYPES.values()),
+    "convolution_mma": tuple(
+        f"cupyconv::convolution::{kernel}<{t}, {split3}, {config}>"
+        for kernel in ("convolution_forward_mma", "convolution_input_grad_mma",
+                       "convolution_weight_grad_mma")
+        for t, split3 in (("float", "false"), ("float", "true"), ("__half", "false"),
+                          ("__nv_bfloat16", "false"))
+        for config in (0, 1)
+    ) + _expressions("convolution", ("convolution_split_sum_mma",),
+                     ("float", "__half", "__nv_bfloat16")),
 }
 
 #: Options every module is compiled with (the include path is added per call).
@@ -200,13 +218,18 @@ def get_function(family, name):
     return _provider.get_function(source, expressions, name, options)
 
 
-def launch(family, kernel, type_name, grid, args):
-    """Launch ``cupyconv::<family>::<kernel><type_name>`` from
-    ``cuda/<family>.cu`` on ``grid`` (a tuple of block counts) of
-    :data:`THREADS` threads each; ``args`` as for :func:`get_function`.
-    Every kernel of the package is launched through here."""
-    get_function(family, f"cupyconv::{family}::{kernel}<{type_name}>")(
-        grid, (THREADS,), args)
+def launch(family, kernel, template_args, grid, args, *, threads=THREADS,
+           shared_mem=0):
+    """Launch ``cupyconv::<op>::<kernel><template_args>`` from
+    ``cuda/<family>.cu`` on ``grid`` (a tuple of block counts) of ``threads``
+    threads each, with ``shared_mem`` bytes of dynamic shared memory; ``<op>``
+    is the kernel name's first word (kernels are named
+    ``<op>_<direction>_<variant>``) and ``args`` are as for
+    :func:`get_function`.  Every kernel of the package is launched through
+    here."""
+    op = kernel.partition("_")[0]
+    get_function(family, f"cupyconv::{op}::{kernel}<{template_args}>")(
+        grid, (threads,), args, shared_mem=shared_mem)
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,8 +247,9 @@ def device_id(xp):
 
 def data_pointer(a):
     """Address of ``a``'s first element (a CuPy or a NumPy array)."""
-    ptr = getattr(a.data, "ptr", None)  # a CuPy array's cupy.cuda.MemoryPointer
-    return ptr if ptr is not None else a.__array_interface__["data"][0]
+    if isinstance(a, numpy.ndarray):  # its .data cannot view every dtype (bfloat16)
+        return a.__array_interface__["data"][0]
+    return a.data.ptr  # a CuPy array's cupy.cuda.MemoryPointer
 
 
 def kernel_operand(a, contiguous=False):

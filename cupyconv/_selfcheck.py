@@ -10,6 +10,7 @@ import time
 import numpy
 
 import cupyconv as cc
+from cupyconv.convolution._precision import PRECISIONS
 
 
 def _reference_dilate(a, axis, d):
@@ -109,6 +110,8 @@ def report():
         print(f"backend: {info['backend']}: {info['device']}, CUDA {info['cuda']}, "
               f"CuPy {info['cupy']}")
         against = "the NumPy path"
+    print(f"conv2d precision default: {cc.get_default_precision()} "
+          f"(float32; choices {', '.join(PRECISIONS)})")
     print(f"self-check ({'CPU' if xp is numpy else 'GPU'} results against {against}):")
     failures = 0
     for name, check in CHECKS.items():

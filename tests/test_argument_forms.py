@@ -53,7 +53,7 @@ def test_arrays_with_a_dtype_keep_it():
         cc.conv2d(X32, W32, np.zeros(6), groups=2)
     with pytest.raises(TypeError, match="grad_out is float64"):
         cc.conv2d_input(X32.shape, W32, np.ones((2, 7, 7, 6)), groups=2)
-    with pytest.raises(TypeError, match="bias must be float16, float32 or float64"):
+    with pytest.raises(TypeError, match="bias must be float16, bfloat16, float32 or float64"):
         cc.conv2d(X32, W32, [True] * 6, groups=2)
     # With no array at all, lists are what NumPy makes of them (float64).
     assert cc.conv2d(X32.tolist(), W32.tolist(), groups=2).dtype == np.float64
@@ -147,11 +147,12 @@ def test_floats_and_bools_are_refused(call, match):
 # ---- PyTorch's positional order ----------------------------------------------------
 
 @pytest.mark.parametrize("function, positional, keyword_only", [
-    (cc.conv2d, ["x", "w", "bias", "stride", "padding", "dilation", "groups"], ["layout"]),
+    (cc.conv2d, ["x", "w", "bias", "stride", "padding", "dilation", "groups"],
+     ["layout", "precision"]),
     (cc.conv2d_input, ["input_shape", "w", "grad_out", "stride", "padding", "dilation",
-                       "groups"], ["layout"]),
+                       "groups"], ["layout", "precision"]),
     (cc.conv2d_weight, ["x", "weight_shape", "grad_out", "stride", "padding", "dilation",
-                        "groups"], ["layout"]),
+                        "groups"], ["layout", "precision"]),
     (cc.max_pool2d, ["x", "kernel_size", "stride", "padding", "dilation"],
      ["ceil_mode", "layout", "return_indices"]),
     (cc.max_pool2d_backward, ["grad_out", "x", "kernel_size", "stride", "padding", "dilation"],

@@ -323,6 +323,18 @@ def test_gpu_part_on_a_stand_in_device(cpu_kernels, monkeypatch, tmp_path):
             assert row["max_rel_diff"] <= tol, (record["title"], row)
     text = report.markdown(result, None, "no plot")
     assert "## GPU results" in text and "CPU executor" in text
+    # Every precision mode, with its error against float64 (cupyconv only
+    # here: the stand-in has no PyTorch), within each format's resolution.
+    worst = {"highest": 1e-6, "3xtf32": 1e-5, "tf32": 2e-3, "float16": 2e-3, "bfloat16": 2e-2}
+    modes = {}
+    for record in result["results"]:
+        if record["group"] == "precision":
+            (row,) = [r for r in record["timings"] if r["peer"] == "cupyconv"]
+            modes[record["params"]["mode"]] = row["error_vs_float64"]
+    assert set(modes) == set(worst)
+    assert all(0 <= modes[m] <= worst[m] for m in worst), modes
+    assert modes["tf32"] > 10 * modes["3xtf32"]  # the rounding shows, and 3xTF32 removes it
+    assert "GPU precision modes: conv2d on tensor cores" in text
 
 
 def test_gpu_references_on_the_stand_in(monkeypatch):

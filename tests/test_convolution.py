@@ -331,7 +331,7 @@ G = np.zeros((2, 4, 4, 6))
      r"dilation \(1, 5\) spans 6 columns, more than the 5 columns"),
     (lambda: cc.conv2d(X, np.zeros((0, 2, 4, 6))), ValueError, "w must have a kernel of at least 1x1"),
     (lambda: cc.conv2d(X, W, layout="NCWH"), ValueError, "layout must be 'NHWC' or 'NCHW'"),
-    (lambda: cc.conv2d(X.astype(int), W), TypeError, "x must be float16, float32 or float64"),
+    (lambda: cc.conv2d(X.astype(int), W), TypeError, "x must be float16, bfloat16, float32 or float64"),
     (lambda: cc.conv2d(X, W.astype(np.int8)), TypeError, "w must be float16"),
     (lambda: cc.conv2d(X.astype(np.float32), W), TypeError,
      "arguments must share one dtype: x is float32, w is float64"),

@@ -31,7 +31,8 @@ MODULES = sorted({obj.__module__ for obj in FUNCTIONS.values()})
 PAGES = sorted(p.name for p in DOCS.glob("*.rst") if ">>>" in p.read_text())
 
 #: Public functions that raise no error of their own, so need no Raises section.
-RAISE_NOTHING = {"asnumpy", "gpu_available", "gpu_unavailable_reason", "backend_info"}
+RAISE_NOTHING = {"asnumpy", "gpu_available", "gpu_unavailable_reason", "backend_info",
+                 "get_default_precision"}
 
 # Same option as pytest's doctest default; outputs must otherwise match exactly.
 FLAGS = doctest.ELLIPSIS

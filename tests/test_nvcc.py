@@ -4,6 +4,7 @@ Each family is compiled as NVRTC compiles it for CuPy: the .cu file with every
 name expression of ``_kernels.FAMILIES`` instantiated (by taking its address).
 """
 
+import re
 import shutil
 import subprocess
 
@@ -31,17 +32,32 @@ def _instances(family, tmp_path):
     return unit
 
 
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """build(family) -> (command, CompletedProcess) of one nvcc run per
+    family for sm_80 and sm_90, with warnings as errors and ptxas's
+    resource usage (-Xptxas -v) in stderr; each family is compiled once."""
+    done = {}
+
+    def compile_family(family):
+        if family not in done:
+            tmp_path = tmp_path_factory.mktemp(family)
+            unit = _instances(family, tmp_path)
+            command = [
+                NVCC, "-std=c++17", "-c", str(unit), "-o", str(tmp_path / "out.o"),
+                f"-I{_kernels.cuda_source_dir()}", "-Werror", "all-warnings",
+                "-Xcompiler", "-Wall,-Werror", "-Xptxas", "-v",
+                "-gencode", "arch=compute_80,code=sm_80",
+                "-gencode", "arch=compute_90,code=sm_90",
+            ]
+            done[family] = command, subprocess.run(command, capture_output=True, text=True)
+        return done[family]
+    return compile_family
+
+
 @pytest.mark.parametrize("family", sorted(_kernels.FAMILIES))
-def test_family_compiles_without_warnings(family, tmp_path):
-    source_dir = _kernels.cuda_source_dir()
-    unit = _instances(family, tmp_path)
-    command = [
-        NVCC, "-std=c++17", "-c", str(unit), "-o", str(tmp_path / "out.o"),
-        f"-I{source_dir}", "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror",
-        "-gencode", "arch=compute_80,code=sm_80",
-        "-gencode", "arch=compute_90,code=sm_90",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
+def test_family_compiles_without_warnings(family, build):
+    command, result = build(family)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr}"
     assert "warning" not in result.stderr.lower(), result.stderr
 
@@ -66,3 +82,19 @@ def test_pool_comparisons_are_exact_under_flush_to_zero(tmp_path):
     flushing = [line.strip() for line in text.splitlines()
                 if line.strip().startswith("setp.") and ".ftz." in line]
     assert flushing == []
+
+
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_tensor_core_kernels_keep_everything_in_registers(build, arch):
+    """ptxas -v: no spill and no stack frame (local memory) in any kernel of
+    the tensor-core family: accumulators and fragments indexed by a loop
+    that is not unrolled would live in local memory."""
+    command, result = build("convolution_mma")
+    assert result.returncode == 0, result.stderr
+    entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_(\d+)'.*?(\d+) bytes stack "
+                         r"frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                         result.stderr, flags=re.S)
+    entries = [(name, *usage) for name, sm, *usage in entries if sm == arch]
+    assert len(entries) == len(_kernels.FAMILIES["convolution_mma"]), result.stderr
+    heavy = [entry for entry in entries if entry[1:] != ("0", "0", "0")]
+    assert not heavy, f"stack frame / spill stores / spill loads: {heavy}"

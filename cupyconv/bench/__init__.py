@@ -10,6 +10,13 @@ dilate, a strided view copied for undilate, an im2col sliding-window view
 plus ``cupy.matmul`` for conv2d (col2im by strided adds for the gradients),
 reshape plus ``max`` for the 2x1 pool.
 
+GPU precision modes (the "precision" group): every conv2d layer, forward
+and forward+grads, and the batch sweep in float32 ``precision="highest"``,
+``"tf32"`` and ``"3xtf32"`` and in float16 and bfloat16 (tensor cores),
+each against cuDNN in the matching mode only (TF32 on for tf32, off for
+highest and 3xtf32, the same dtype for float16 and bfloat16), with every
+implementation's error against the same convolution in float64.
+
 CPU: cupyconv's NumPy path against PyTorch CPU, the same plain-NumPy code as
 above, and a naive loop (positions for dilate/undilate, windows for the pool,
 kernel taps at stride 1 then subsampled for conv2d, as the seed project did).
@@ -45,8 +52,10 @@ Timing method
   invisible).
 * References, measured in the same run: device-to-device copy bandwidth
   (1 GiB ``cudaMemcpy``; NumPy ``copyto`` of 64 MiB on the CPU), counted as
-  read + write bytes, and the float32 matmul rate on an 8192x8192 (CPU:
-  2048x2048) square product.  Memory-bound ops report GB/s of compulsory
+  read + write bytes, and the matmul rate on an 8192x8192 (CPU:
+  2048x2048) square product: float32, and on the GPU also cuBLAS's TF32
+  compute type, float16 and bfloat16 (a mode CuPy cannot multiply in gets
+  no rate).  The precision cases compare with the rate of their mode.  Memory-bound ops report GB/s of compulsory
   traffic (each input element read once, each output element written once)
   as a share of the copy bandwidth; convolutions report FLOP/s
   (``2*N*Ho*Wo*C_out*kh*kw*C_in``, three times that with both gradients) as

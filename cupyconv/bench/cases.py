@@ -71,6 +71,12 @@ class Case:
     bytes: Optional[int] = None
     flops: Optional[int] = None
     note: str = ""
+    #: Canonical inputs -> the outputs computed in float64, against which
+    #: every implementation's error is reported (``error_vs_float64``).
+    reference64: Optional[Callable] = None
+    #: Key of the matmul rate (``references["matmul_tflops"]``) that
+    #: ``pct_of_matmul`` compares with; the dtype when None.
+    matmul_mode: Optional[str] = None
 
     @property
     def bound(self):
@@ -94,9 +100,13 @@ def import_torch(device):
 
 
 def _random(xp, shape, dtype, seed):
+    """Standard normal values of ``dtype`` (16-bit dtypes rounded from float32)."""
+    draw = numpy.dtype(dtype) if numpy.dtype(dtype).itemsize >= 4 else numpy.float32
     if xp is numpy:
-        return numpy.random.default_rng(seed).standard_normal(shape, dtype=dtype)
-    return xp.random.RandomState(seed).standard_normal(shape, dtype=dtype)
+        values = numpy.random.default_rng(seed).standard_normal(shape, dtype=draw)
+    else:
+        values = xp.random.RandomState(seed).standard_normal(shape, dtype=draw)
+    return values.astype(dtype, copy=False)
 
 
 def _inputs(shapes, dtype):
@@ -166,16 +176,19 @@ def _torch_context(torch, device, tf32):
     return context
 
 
-def _torch_impls(torch, device, xp, kinds, run, out_kinds, layouts=True, tf32=False):
+def _torch_impls(torch, device, xp, kinds, run, out_kinds, layouts=True, tf32=False,
+                 tf32_modes=None):
     """PyTorch variants of one op: every layout (NCHW, channels_last), and on
-    the GPU with TF32 off and (if ``tf32``) on.  ``kinds`` maps input names
-    to "act"/"weight"/"raw"; grads are requested for names in ``run.grads``."""
+    the GPU with TF32 off and (if ``tf32``) on, or exactly ``tf32_modes``.
+    ``kinds`` maps input names to "act"/"weight"/"raw"; grads are requested
+    for names in ``run.grads``."""
     if torch is None:
         return []
     grads = getattr(run, "grads", ())
     impls = []
     layout_list = _torch_layouts(torch) if layouts else (("", torch.contiguous_format),)
-    tf32_modes = (False, True) if (tf32 and device == "gpu") else (False,)
+    if tf32_modes is None:
+        tf32_modes = (False, True) if (tf32 and device == "gpu") else (False,)
     for tf32_on in tf32_modes:
         for detail, fmt in layout_list:
             def prepare(inputs, fmt=fmt):
@@ -451,10 +464,32 @@ def _torch_pool_backward_impls(torch, device, xp, kernel, stride, padding=(0, 0)
     return impls
 
 
+#: Precision modes of the GPU's "precision" group: mode -> (dtype,
+#: cupyconv's precision, PyTorch's TF32 setting, matmul rate key).  Each is
+#: compared with cuDNN in the matching mode: TF32 on for "tf32", off for
+#: "highest" and "3xtf32", the same dtype for float16 and bfloat16.
+PRECISION_MODES = {
+    "highest": ("float32", "highest", False, "float32"),
+    "tf32": ("float32", "tf32", True, "tf32"),
+    "3xtf32": ("float32", "3xtf32", False, "tf32"),
+    "float16": ("float16", "highest", False, "float16"),
+    "bfloat16": ("bfloat16", "highest", False, "bfloat16"),
+}
+
+
 def conv_case(device, xp, torch, *, key, group, title, n, c_in, c_out, hw, kernel,
               stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
-              backward=False, loop=True, plain=True, tf32=True, dtype="float32"):
-    """A conv2d case: forward, or forward + both gradients (``backward``)."""
+              backward=False, loop=True, plain=True, tf32=True, dtype="float32", mode=None):
+    """A conv2d case: forward, or forward + both gradients (``backward``).
+
+    With ``mode`` (a key of :data:`PRECISION_MODES`) the case runs in that
+    precision mode against PyTorch in the matching one only, and records
+    every implementation's error against float64."""
+    precision, tf32_modes, matmul_mode = "highest", None, None
+    if mode is not None:
+        dtype, precision, torch_tf32, matmul_mode = PRECISION_MODES[mode]
+        tf32_modes, loop, plain = (torch_tf32,), False, False
+        dtype = _bench_dtype(dtype)
     (h, w), (kh, kw), (sh, sw), (dh, dw) = hw, kernel, stride, dilation
     (pt, pb), (pl, pr) = padding
     ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
@@ -463,6 +498,7 @@ def conv_case(device, xp, torch, *, key, group, title, n, c_in, c_out, hw, kerne
     if backward:
         shapes["g"] = (n, ho, wo, c_out)
     args = dict(stride=stride, padding=padding, dilation=dilation)
+    ours = dict(args, precision=precision)
     flops = 2 * n * ho * wo * c_out * kh * kw * c_in * (3 if backward else 1)
     itemsize = numpy.dtype(dtype).itemsize
     nbytes = (n * h * w * c_in + kh * kw * c_in * c_out + n * ho * wo * c_out) * itemsize
@@ -470,11 +506,11 @@ def conv_case(device, xp, torch, *, key, group, title, n, c_in, c_out, hw, kerne
     kinds = {"x": "act", "w": "weight", "g": "act"}
 
     if backward:
-        def cupyconv_run(s):
+        def cupyconv_run(s, ours=ours):
             x, wt, g = s["x"], s["w"], s["g"]
-            return (cupyconv.conv2d(x, wt, **args),
-                    cupyconv.conv2d_input(x.shape, wt, g, **args),
-                    cupyconv.conv2d_weight(x, wt.shape, g, **args))
+            return (cupyconv.conv2d(x, wt, **ours),
+                    cupyconv.conv2d_input(x.shape, wt, g, **ours),
+                    cupyconv.conv2d_weight(x, wt.shape, g, **ours))
 
         def torch_run(s):
             y = F.conv2d(s["x"], s["w"], None, stride, (pt, pl), dilation)
@@ -486,8 +522,8 @@ def conv_case(device, xp, torch, *, key, group, title, n, c_in, c_out, hw, kerne
         loop_run = lambda s: peers.loop_conv_backward(s["x"], s["w"], s["g"], **args)
         bytes_ = 3 * nbytes
     else:
-        def cupyconv_run(s):
-            return cupyconv.conv2d(s["x"], s["w"], **args)
+        def cupyconv_run(s, ours=ours):
+            return cupyconv.conv2d(s["x"], s["w"], **ours)
 
         def torch_run(s):
             return F.conv2d(s["x"], s["w"], None, stride, (pt, pl), dilation)
@@ -498,20 +534,39 @@ def conv_case(device, xp, torch, *, key, group, title, n, c_in, c_out, hw, kerne
 
     if pt != pb or pl != pr:
         raise ValueError("PyTorch's conv2d takes symmetric padding only")
-    impls = [_direct("cupyconv", cupyconv_run)]
-    impls += _torch_impls(torch, device, xp, kinds, torch_run, out_kinds, tf32=tf32)
+    impls = [_direct("cupyconv", cupyconv_run, detail="" if mode is None else mode)]
+    impls += _torch_impls(torch, device, xp, kinds, torch_run, out_kinds, tf32=tf32,
+                          tf32_modes=tf32_modes)
     if plain:
         impls.append(_direct("plain", plain_run, detail="im2col + matmul"))
     if loop and device == "cpu":
         impls.append(_direct("loop", loop_run, detail="per-tap matmul at stride 1"))
     what = "forward+grads" if backward else "forward"
+    reference64 = None
+    if mode is not None:
+        def reference64(inputs):
+            wide = {name: a.astype(numpy.float64) for name, a in inputs.items()}
+            return _identity(cupyconv_run(wide, ours=args))
+    suffix = "" if mode is None else f"_{mode}"
     return Case(
-        key=f"{key}_{'fwd_bwd' if backward else 'fwd'}", op="conv2d", group=group,
-        device=device, title=f"conv2d {what}, {title}", dtype=dtype, shapes=shapes,
-        params={"kernel": kernel, **args}, make_inputs=_inputs(shapes, dtype),
-        impls=impls, flops=flops, bytes=bytes_,
+        key=f"{key}_{'fwd_bwd' if backward else 'fwd'}{suffix}", op="conv2d", group=group,
+        device=device, title=f"conv2d {what}, {title}" + ("" if mode is None else f", {mode}"),
+        dtype=numpy.dtype(dtype).name, shapes=shapes,
+        params={"kernel": kernel, **args, **({} if mode is None else {"mode": mode})},
+        make_inputs=_inputs(shapes, dtype), impls=impls, flops=flops, bytes=bytes_,
         note="flops = 2*N*Ho*Wo*C_out*kh*kw*C_in" + (", x3 with both gradients" if backward else ""),
+        reference64=reference64, matmul_mode=matmul_mode,
     )
+
+
+def _bench_dtype(name):
+    """``name`` as a NumPy dtype; bfloat16 through ml_dtypes (imported here,
+    only by the precision cases that use it)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return numpy.dtype(ml_dtypes.bfloat16)
+    return numpy.dtype(name)
 
 
 def _sizes(device, quick):
@@ -574,4 +629,24 @@ def build_cases(device, ops=OPS, quick=False):
                 device, xp, torch, key=f"sweep_n{batch}", group="sweep",
                 title=f"seed L2 64->128, 16x15, N={batch}", n=batch, c_in=64, c_out=128,
                 hw=(16, 15), loop=False, plain=False, tf32=False, **seed))
+        if device == "gpu":
+            cases += _precision_cases(device, xp, torch, layers, size, seed, quick)
+    return cases
+
+
+def _precision_cases(device, xp, torch, layers, size, seed, quick):
+    """The "precision" group: every layer forward and forward+grads, and the
+    batch sweep, in every mode of :data:`PRECISION_MODES` against cuDNN in
+    the matching mode (quick: the last layer's forward per mode)."""
+    cases = []
+    for mode in PRECISION_MODES:
+        for layer in (layers[-1:] if quick else layers):
+            for backward in ((False,) if quick else (False, True)):
+                cases.append(conv_case(device, xp, torch, backward=backward, mode=mode,
+                                       **dict(layer, group="precision")))
+        for batch in (() if quick else size["sweep"]):
+            cases.append(conv_case(
+                device, xp, torch, key=f"sweep_n{batch}", group="precision",
+                title=f"seed L2 64->128, 16x15, N={batch}", n=batch, c_in=64, c_out=128,
+                hw=(16, 15), mode=mode, **seed))
     return cases

@@ -166,8 +166,9 @@ def _references_section(result):
     for device, refs in result["references"].items():
         rows.append([DEVICE_NAMES[device],
                      f"{refs['copy_gbps']:.1f} GB/s ({refs['copy_bytes'] / 2**20:.0f} MiB copy)",
-                     f"{refs['matmul_tflops']['float32']:.3g} TFLOP/s "
-                     f"({refs['matmul_n']}x{refs['matmul_n']} float32)"])
+                     ", ".join(f"{rate:.3g} TFLOP/s {mode}"
+                               for mode, rate in refs["matmul_tflops"].items())
+                     + f" ({refs['matmul_n']}x{refs['matmul_n']})"])
     return _md_table(["device", "copy bandwidth (read + write)", "matmul"], rows)
 
 
@@ -203,6 +204,30 @@ def _variants_section(results, device):
     if not rows:
         return []
     return _md_table(["case", "cupyconv variant", "median time", "r vs PyTorch"], rows)
+
+
+def _precision_section(results, device):
+    """The "precision" group: each mode against cuDNN in the matching mode
+    (the only PyTorch peer of those cases), with both errors against float64."""
+    rows = []
+    for record in results:
+        if record["device"] != device or record["group"] != "precision":
+            continue
+        ours = _best_row(record, "cupyconv")
+        peer = next((p for p in ("torch", "torch-tf32") if p in record["summary"]), None)
+        theirs = _best_row(record, peer) if peer else None
+
+        def error(row):
+            return f"{row['error_vs_float64']:.1e}" if row and "error_vs_float64" in row else "-"
+        rows.append([
+            record["title"],
+            fmt_time(ours["median_s"]) if ours else "failed",
+            _peer_cell(record, peer, bold=True) if peer else "n/a",
+            error(ours), error(theirs),
+            fmt_rate(ours, device) if ours else "-",
+        ])
+    return _md_table(["case", "cupyconv", "cuDNN, matching mode (r)", "cupyconv error",
+                      "cuDNN error", "cupyconv rate"], rows)
 
 
 def _sweep_section(results, device):
@@ -335,6 +360,15 @@ def markdown(result, plot_path=None, plot_note=None, report_path=None):
         sweep = _sweep_section(result["results"], device)
         if len(sweep) > 2:
             out += [f"### {name} batch sweep: conv2d forward, seed L2 layer", "", *sweep, ""]
+        precision = _precision_section(result["results"], device)
+        if len(precision) > 2:
+            out += [f"### {name} precision modes: conv2d on tensor cores", "",
+                    "Each float32 mode (`precision=`) and 16-bit dtype against cuDNN in the "
+                    "matching mode: TF32 on for tf32, off for highest and 3xtf32, the same "
+                    "dtype for float16 and bfloat16. Errors are max |result - float64| / "
+                    "max |float64| over the outputs; the rate is a share of the measured "
+                    "matmul rate in the same mode (cuBLAS TF32 for tf32 and 3xtf32).",
+                    "", *precision, ""]
     out += ["## Where cupyconv is slower", ""]
     slower = slower_cases(result)
     if slower:

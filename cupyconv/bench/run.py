@@ -173,7 +173,8 @@ class _Device:
 
     def references(self):
         if self.name == "gpu":
-            return timing.gpu_references(self.xp, ["float32"], self.quick, self.repeats)
+            return timing.gpu_references(self.xp, ["float32", "tf32", "float16", "bfloat16"],
+                                         self.quick, self.repeats)
         return timing.cpu_references(self.quick, self.repeats)
 
     def warm_up(self, impl, states):
@@ -218,7 +219,7 @@ class _Contender:
     """One implementation of a case while it is timed: its result row, its
     own copies of the inputs and its timed calls so far."""
 
-    def __init__(self, device, impl, sets, reference):
+    def __init__(self, device, impl, sets, reference, reference64=None):
         self.impl = impl
         self.row = {"peer": impl.peer,
                     "label": cases_mod.PEER_LABELS[device.name][impl.peer],
@@ -233,6 +234,9 @@ class _Contender:
                 self.row["max_rel_diff"] = (
                     0.0 if reference is None
                     else _max_rel_diff(device.xp, self.outputs, reference))
+                if reference64 is not None:
+                    self.row["error_vs_float64"] = _max_rel_diff(
+                        device.xp, self.outputs, reference64)
                 self.count = device.warm_up(impl, self.states)
         self.seconds += time.perf_counter() - started
 
@@ -285,7 +289,7 @@ def _add_rates(row, case, refs):
         row["pct_of_copy"] = 100 * row["gbps"] / refs["copy_gbps"]
     if case.flops:
         row["tflops"] = case.flops / row["median_s"] / 1e12
-        peak = refs["matmul_tflops"].get(case.dtype)
+        peak = refs["matmul_tflops"].get(case.matmul_mode or case.dtype)
         if peak:
             row["pct_of_matmul"] = 100 * row["tflops"] / peak
 
@@ -314,14 +318,15 @@ def run_case(device, case, refs, log):
     copies = timing.copies_for(case.input_bytes, device.cache_bytes)
     sets = [case.make_inputs(device.xp, seed) for seed in range(copies)]
     contenders, reference = [], None
+    reference64 = None if case.reference64 is None else case.reference64(sets[0])
     for impl in case.impls:
-        contender = _Contender(device, impl, sets, reference)
+        contender = _Contender(device, impl, sets, reference, reference64)
         if reference is None and contender.outputs is not None:
             reference = contender.outputs
             contender.row["reference"] = True
         contender.outputs = None
         contenders.append(contender)
-    del sets, reference
+    del sets, reference, reference64
     shares = [timing.round_counts(c.count, timing.ROUNDS) for c in contenders]
     for r in range(timing.ROUNDS):
         for contender, share in zip(contenders, shares):

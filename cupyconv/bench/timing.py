@@ -3,10 +3,13 @@ two reference rates (copy bandwidth, matmul throughput) every result is
 compared with.  See the package docstring for the method.
 """
 
+import contextlib
 import math
 import statistics
 import time
 import tracemalloc
+
+import numpy
 
 __all__ = [
     "Timing",
@@ -242,12 +245,38 @@ def gpu_references(cupy, dtypes, quick, repeats=None):
     n = 2048 if quick else 8192
     refs["matmul_n"] = n
     for dtype in dtypes:
-        operands = (cupy.ones((n, n), dtype), cupy.empty((n, n), dtype))
-        timing = time_gpu(_square_matmul(cupy), [operands], clock, repeats)
+        try:
+            with _matmul_mode(cupy, dtype) as array_dtype:
+                operands = (cupy.ones((n, n), array_dtype), cupy.empty((n, n), array_dtype))
+                timing = time_gpu(_square_matmul(cupy), [operands], clock, repeats)
+        except Exception as exc:  # a mode this CuPy cannot multiply in: no rate
+            refs.setdefault("matmul_errors", {})[str(dtype)] = f"{type(exc).__name__}: {exc}"
+            continue
         refs["matmul_tflops"][str(dtype)] = 2 * n**3 / timing.median / 1e12
         del operands
     cupy.get_default_memory_pool().free_all_blocks()
     return refs
+
+
+@contextlib.contextmanager
+def _matmul_mode(cupy, mode):
+    """The array dtype that multiplies in ``mode`` (a dtype name, or "tf32":
+    float32 through cuBLAS's TF32 compute type, set for the block only)."""
+    if mode == "bfloat16":
+        import ml_dtypes
+
+        yield numpy.dtype(ml_dtypes.bfloat16)
+    elif mode != "tf32":
+        yield numpy.dtype(mode)
+    else:
+        from cupy._core import _routines_linalg as linalg
+
+        previous = linalg.get_compute_type(numpy.float32)
+        linalg.set_compute_type(numpy.float32, linalg.COMPUTE_TYPE_TF32)
+        try:
+            yield numpy.dtype(numpy.float32)
+        finally:
+            linalg.set_compute_type(numpy.float32, previous)
 
 
 def _device_copy(pair):

@@ -7,14 +7,14 @@ per call), :mod:`._cpu` (the NumPy path, an im2col matrix product),
 
 from .. import _args, _backend
 from .._interop import interoperable
-from . import _cpu, _cuda, _geometry
+from . import _cpu, _cuda, _geometry, _precision
 
 __all__ = ["conv2d", "conv2d_input", "conv2d_weight"]
 
 
 @interoperable
 def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-           layout="NHWC"):
+           layout="NHWC", precision=None):
     """2-D convolution (cross-correlation, as in deep learning) with a
     rectangular kernel.
 
@@ -41,7 +41,8 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     ----------
     x : array_like
         Input, ``(N, H, W, C_in)`` for NHWC or ``(N, C_in, H, W)`` for NCHW;
-        float16, float32 or float64.  Any memory layout.
+        float16, bfloat16 (``ml_dtypes.bfloat16``), float32 or float64.  Any
+        memory layout.
     w : array_like
         Kernel, ``(kh, kw, C_in // groups, C_out)`` for NHWC (HWIO) or
         ``(C_out, C_in // groups, kh, kw)`` for NCHW (PyTorch's); ``x``'s dtype.
@@ -69,6 +70,13 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
         is a depthwise convolution.
     layout : {'NHWC', 'NCHW'}, optional
         Layout of ``x``, ``w`` and the result.
+    precision : {None, 'highest', 'tf32', '3xtf32'}, optional
+        Arithmetic of float32 products (ignored for other dtypes): exact
+        float32 (``'highest'``), operands rounded to TF32 (``'tf32'``: 10
+        mantissa bits, nearest, ties away; on the NumPy path too), or three
+        TF32 products per float32 product (``'3xtf32'``; ``'highest'`` on
+        the NumPy path).  ``None``: :func:`get_default_precision`, set by
+        :func:`set_default_precision` and :func:`default_precision`.
 
     Returns
     -------
@@ -85,7 +93,8 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
         ``C_out``; ``groups``, ``stride`` or ``dilation`` below 1; negative
         ``padding`` or an unknown padding string; a dilated kernel longer
         than the padded input (the message names the arguments and sizes);
-        ``bias`` not of shape ``(C_out,)``; an unknown ``layout``.
+        ``bias`` not of shape ``(C_out,)``; an unknown ``layout`` or
+        ``precision``.
     TypeError
         Integer or differing dtypes of ``x``, ``w``, ``bias``; non-integer
         ``stride``, ``padding``, ``dilation`` or ``groups``; CuPy arrays mixed
@@ -122,20 +131,22 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     _args.check_ndim(w, 4, "w")
     geom = _geometry.conv2d_geometry(x.shape, w.shape, stride, padding, dilation,
                                  groups, layout)
-    _args.common_float_dtype(x=x, w=w, bias=bias)
+    _args.common_float_dtype(bfloat16=True, x=x, w=w, bias=bias)
     if bias is not None and bias.shape != (geom.out_channels,):
         raise ValueError(
             f"bias must have shape (C_out,) = ({geom.out_channels},), "
             f"got {tuple(bias.shape)}"
         )
+    precision = _precision.resolve(precision, x.dtype)
     if _backend.use_kernels(xp):
-        return _cuda.forward(x, w, bias, geom)
+        return _cuda.forward(x, w, bias, geom, precision)
+    x, w = _precision.rounded_operands(precision, x, w)
     return _cpu.forward(x, w, bias, geom)
 
 
 @interoperable
 def conv2d_input(input_shape, w, grad_out, stride=1, padding=0, dilation=1,
-                 groups=1, *, layout="NHWC"):
+                 groups=1, *, layout="NHWC", precision=None):
     """Gradient of a :func:`conv2d` with respect to its input ``x``.
 
     Returns ``d/dx sum(conv2d(x, w, ...) * grad_out)``, which does not depend
@@ -157,7 +168,7 @@ def conv2d_input(input_shape, w, grad_out, stride=1, padding=0, dilation=1,
         Gradient with respect to the convolution's output: the output's
         shape, ``(N, OH, OW, C_out)`` or ``(N, C_out, OH, OW)``; ``w``'s dtype
         (Python numbers or lists take it).
-    stride, padding, dilation, groups, layout
+    stride, padding, dilation, groups, layout, precision
         As for :func:`conv2d`.
 
     Returns
@@ -204,15 +215,17 @@ def conv2d_input(input_shape, w, grad_out, stride=1, padding=0, dilation=1,
     geom = _geometry.conv2d_geometry(input_shape, w.shape, stride, padding,
                                  dilation, groups, layout, x_name="input_shape")
     _geometry.check_grad_out(grad_out, geom)
-    _args.common_float_dtype(w=w, grad_out=grad_out)
+    _args.common_float_dtype(bfloat16=True, w=w, grad_out=grad_out)
+    precision = _precision.resolve(precision, w.dtype)
     if _backend.use_kernels(xp):
-        return _cuda.input_grad(w, grad_out, geom)
+        return _cuda.input_grad(w, grad_out, geom, precision)
+    w, grad_out = _precision.rounded_operands(precision, w, grad_out)
     return _cpu.input_grad(w, grad_out, geom)
 
 
 @interoperable
 def conv2d_weight(x, weight_shape, grad_out, stride=1, padding=0,
-                  dilation=1, groups=1, *, layout="NHWC"):
+                  dilation=1, groups=1, *, layout="NHWC", precision=None):
     """Gradient of a :func:`conv2d` with respect to its kernel ``w``.
 
     Returns ``d/dw sum(conv2d(x, w, ...) * grad_out)``, which does not depend
@@ -231,7 +244,7 @@ def conv2d_weight(x, weight_shape, grad_out, stride=1, padding=0,
     grad_out : array_like
         Gradient with respect to the convolution's output, of its shape;
         ``x``'s dtype (Python numbers or lists take it).
-    stride, padding, dilation, groups, layout
+    stride, padding, dilation, groups, layout, precision
         As for :func:`conv2d`.
 
     Returns
@@ -276,7 +289,9 @@ def conv2d_weight(x, weight_shape, grad_out, stride=1, padding=0,
     geom = _geometry.conv2d_geometry(x.shape, weight_shape, stride, padding,
                                  dilation, groups, layout, w_name="weight_shape")
     _geometry.check_grad_out(grad_out, geom)
-    _args.common_float_dtype(x=x, grad_out=grad_out)
+    _args.common_float_dtype(bfloat16=True, x=x, grad_out=grad_out)
+    precision = _precision.resolve(precision, x.dtype)
     if _backend.use_kernels(xp):
-        return _cuda.weight_grad(x, grad_out, geom)
+        return _cuda.weight_grad(x, grad_out, geom, precision)
+    x, grad_out = _precision.rounded_operands(precision, x, grad_out)
     return _cpu.weight_grad(x, grad_out, geom)

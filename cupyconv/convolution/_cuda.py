@@ -21,7 +21,8 @@ import math
 
 import numpy
 
-from .. import _backend, _kernels
+from .. import _args, _backend, _kernels
+from . import _cuda_mma, _precision
 
 # Must match convolution.cu: a block computes a _TILE x _TILE tile of the
 # GEMM with _kernels.THREADS threads, reducing _SLICE at a time.
@@ -52,10 +53,15 @@ _ACTIVATION_AXES = {"NHWC": (0, 1, 2, 3), "NCHW": (0, 2, 3, 1)}
 _WEIGHT_AXES = {"NHWC": (0, 1, 2, 3), "NCHW": (2, 3, 1, 0)}
 
 
-def forward(x, w, bias, geom):
+def forward(x, w, bias, geom, precision="highest"):
     """``y = conv2d(x, w) + bias`` as an array of shape ``(N, OH, OW, C_out)``
-    (NHWC) or ``(N, C_out, OH, OW)`` (NCHW)."""
+    (NHWC) or ``(N, C_out, OH, OW)`` (NCHW), products in ``precision``."""
     xp = _backend.array_module_of(x)
+    if _cuda_mma.applies(x.dtype, precision, xp) and not _is_matrix_product(geom):
+        return _cuda_mma.forward(x, w, bias, geom, precision)
+    if _args.is_bfloat16(x.dtype):
+        return _in_float32(forward, x, w, bias, geom)
+    x, w = _precision.rounded_operands(precision, x, w, xp=xp)
     if _is_matrix_product(geom):
         return _matmul_forward(xp, x, w, bias, geom)
     y = xp.empty(geom.out_shape, dtype=x.dtype)
@@ -89,15 +95,24 @@ def forward(x, w, bias, geom):
     return y
 
 
-def input_grad(w, grad_out, geom):
+def input_grad(w, grad_out, geom, precision="highest"):
     """Gradient of ``conv2d`` with respect to its input, of ``geom.in_shape``."""
     xp = _backend.array_module_of(grad_out)
+    # Few input channels per group (a first layer) go through the taps
+    # whatever the precision: the GEMM's column tiles would be mostly empty.
+    by_taps = _per_group(geom.in_channels, geom) <= _BY_TAPS_CHANNELS
+    if (not by_taps and not _is_matrix_product(geom)
+            and _cuda_mma.applies(grad_out.dtype, precision, xp)):
+        return _cuda_mma.input_grad(w, grad_out, geom, precision)
+    if _args.is_bfloat16(grad_out.dtype):
+        return _in_float32(input_grad, w, grad_out, geom)
+    w, grad_out = _precision.rounded_operands(precision, w, grad_out, xp=xp)
     if _is_matrix_product(geom):
         return _matmul_input_grad(xp, w, grad_out, geom)
     grad_x = xp.empty(geom.in_shape, dtype=grad_out.dtype)
     if grad_x.size == 0:
         return grad_x
-    if _per_group(geom.in_channels, geom) <= _BY_TAPS_CHANNELS:
+    if by_taps:
         return _input_grad_by_taps(xp, w, grad_out, grad_x, geom)
     w, grad_out = _kernels.kernel_operand(w), _kernels.kernel_operand(grad_out)
     layout = geom.layout
@@ -158,7 +173,7 @@ def _input_grad_by_taps(xp, w, grad_out, grad_x, geom):
     return grad_x
 
 
-def weight_grad(x, grad_out, geom):
+def weight_grad(x, grad_out, geom, precision="highest"):
     """Gradient of ``conv2d`` with respect to its weight, of ``geom.weight_shape``.
 
     The reduction over the ``N*OH*OW`` output pixels is split into chunks of
@@ -166,6 +181,11 @@ def weight_grad(x, grad_out, geom):
     chunks' partial sums in order, so results are reproducible bit for bit.
     """
     xp = _backend.array_module_of(x)
+    if _cuda_mma.applies(x.dtype, precision, xp) and not _is_matrix_product(geom):
+        return _cuda_mma.weight_grad(x, grad_out, geom, precision)
+    if _args.is_bfloat16(x.dtype):
+        return _in_float32(weight_grad, x, grad_out, geom)
+    x, grad_out = _precision.rounded_operands(precision, x, grad_out, xp=xp)
     if _is_matrix_product(geom):
         return _matmul_weight_grad(xp, x, grad_out, geom)
     grad_w = xp.empty(geom.weight_shape, dtype=x.dtype)
@@ -254,6 +274,16 @@ def _matmul_weight_grad(xp, x, grad_out, geom):
 
 
 # ---- helpers -----------------------------------------------------------------
+
+def _in_float32(function, *operands_and_geom):
+    """``function`` of bfloat16 arrays computed by the float32 kernels and
+    rounded to bfloat16 once (the products of bfloat16 values are exact in
+    float32): the path of the bfloat16 gradients and matrix products."""
+    *operands, geom = operands_and_geom
+    dtype = next(a.dtype for a in operands if a is not None)
+    upcast = [None if a is None else a.astype(numpy.float32) for a in operands]
+    return function(*upcast, geom).astype(dtype)
+
 
 def _strides(a, axes):
     """Element strides of ``a`` along ``axes``, as kernel arguments."""

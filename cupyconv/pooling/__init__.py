@@ -58,8 +58,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
     ----------
     x : array_like
         Images, 4-D: ``(N, H, W, C)`` for ``layout="NHWC"``, ``(N, C, H, W)``
-        for ``"NCHW"``.  float16/32/64 or any signed or unsigned integer
-        dtype.  Not modified.
+        for ``"NCHW"``.  float16/32/64, bfloat16 (``ml_dtypes.bfloat16``,
+        pooled in float32) or any signed or unsigned integer dtype.  Not
+        modified.
     kernel_size : int or (int, int)
         Window height and width, each ``>= 1``.  Here and in ``stride``,
         ``padding`` and ``dilation``, any integer NumPy accepts: NumPy
@@ -135,6 +136,13 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, *,
     """
     xp = _backend.dispatch(x=x)
     x = _args.native_4d(x, "x", xp)
+    if _args.is_bfloat16(x.dtype):
+        # Every bfloat16 is a float32, and the maxima come back exactly.
+        result = max_pool2d(x.astype(numpy.float32), kernel_size, stride, padding, dilation,
+                            ceil_mode=ceil_mode, layout=layout, return_indices=return_indices)
+        if return_indices:
+            return result[0].astype(x.dtype), result[1]
+        return result.astype(x.dtype)
     if _kernels.c_type(x.dtype) is None:
         raise TypeError(
             f"x must have a float or integer dtype, got {x.dtype}")
@@ -169,7 +177,8 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
         Gradient with respect to ``max_pool2d``'s output, of ``x``'s dtype
         (Python numbers or lists take it, as NumPy's Python scalars do).
     x : array_like
-        The input of the forward call, float16/32/64.  Without ``indices``
+        The input of the forward call, float16/32/64 or bfloat16 (whose
+        gradients are summed in float32 and rounded once).  Without ``indices``
         the picks are recomputed from it; with them only its shape is used.
     kernel_size, stride, padding, dilation, ceil_mode, layout
         As given to :func:`max_pool2d`.
@@ -224,7 +233,13 @@ def max_pool2d_backward(grad_out, x, kernel_size, stride=None, padding=0,
     grad_out, x = _args.float_operands(xp, grad_out=grad_out, x=x)
     _args.check_ndim(grad_out, 4, "grad_out")
     _args.check_ndim(x, 4, "x")
-    _args.common_float_dtype(grad_out=grad_out, x=x)
+    dtype = _args.common_float_dtype(bfloat16=True, grad_out=grad_out, x=x)
+    if _args.is_bfloat16(dtype):
+        # Picks and sums in float32 (exact picks, one rounding of each sum).
+        return max_pool2d_backward(
+            grad_out.astype(numpy.float32), x.astype(numpy.float32), kernel_size, stride,
+            padding, dilation, ceil_mode=ceil_mode, layout=layout, indices=indices,
+        ).astype(dtype)
     pool = _geometry.pool_geometry(x.shape, kernel_size, stride, padding, dilation,
                                   ceil_mode, layout)
     if grad_out.shape != pool.out_shape:

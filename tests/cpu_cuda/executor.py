@@ -280,8 +280,8 @@ def _build_hashed(source, expressions, options, sanitize):
 
     staged = {d: _staged_sources(d) for d in dict.fromkeys(include_dirs)}
     digest = hashlib.sha256()
-    for part in (SHIM, RUNTIME, INCLUDE_DIR / "cuda_fp16.h"):
-        digest.update(part.read_bytes())
+    for part in sorted(INCLUDE_DIR.iterdir()):
+        digest.update(part.name.encode() + b"\0" + part.read_bytes())
     digest.update(_compiler_identity().encode())
     digest.update(repr((flags, str(source), expressions)).encode())
     for directory, files in staged.items():

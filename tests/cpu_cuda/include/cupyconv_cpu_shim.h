@@ -14,6 +14,7 @@
 //    (__builtin_FILE/__builtin_LINE default arguments) for error messages.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cfloat>
@@ -113,7 +114,8 @@ void* dynamic_shared_memory();
 // Runtime entry points (cupyconv_cpu_runtime.inc).
 int barrier(const char* file, int line, int predicate, const char* what);
 enum warp_op_kind {
-    WARP_SHFL, WARP_SHFL_UP, WARP_SHFL_DOWN, WARP_SHFL_XOR, WARP_BALLOT, WARP_SYNC, WARP_ACTIVEMASK
+    WARP_SHFL, WARP_SHFL_UP, WARP_SHFL_DOWN, WARP_SHFL_XOR, WARP_BALLOT, WARP_SYNC, WARP_ACTIVEMASK,
+    WARP_COLLECTIVE
 };
 unsigned long long warp_op(warp_op_kind op, unsigned mask, unsigned long long bits, int arg,
                            int width, const char* file, int line);
@@ -210,6 +212,26 @@ inline unsigned __activemask(const char* file = __builtin_FILE(), int line = __b
     return (unsigned)::cupyconv_cpu::warp_op(::cupyconv_cpu::WARP_ACTIVEMASK, 0xffffffffu, 0, 0,
                                              32, file, line);
 }
+
+// ----------------------------------------- warp-wide and asynchronous PTX
+namespace cupyconv_cpu {
+// A warp-wide instruction (mma.sync, ldmatrix): the calling lane waits until
+// all 32 lanes of its warp reach the same call, then `execute` runs once
+// with every lane's `lane_data` (indexed by lane) and all lanes go on.
+typedef void (*collective_fn)(void* const* lanes);
+void warp_collective(void* lane_data, collective_fn execute, const char* what,
+                     const char* file, int line);
+// Fails the launch unless [p, p + bytes) lies in this block's shared memory
+// (static or dynamic) and p is a multiple of `align`.
+void check_shared(const void* p, size_t bytes, size_t align, const char* what);
+// cp.async.{ca,cg}.shared.global [dst], [src], bytes, src_bytes (the rest
+// zero-filled), commit_group and wait_group `pending` of the calling thread.
+void async_copy(void* dst, const void* src, int bytes, int src_bytes, const char* file,
+                int line);
+void async_commit();
+void async_wait(int pending);
+}  // namespace cupyconv_cpu
+#include "cupyconv_cpu_mma.h"
 
 // -------------------------------------------------------------------- atomics
 // Threads switch only at barriers and warp intrinsics, so a plain
