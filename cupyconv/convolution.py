@@ -353,6 +353,8 @@ def _forward(x, w, bias, geom):
 
 
 def _input_grad(w, grad_out, geom):
+    if _input_grad_is_a_forward(geom):
+        return _input_grad_by_forward(w, grad_out, geom)
     work = _work_dtype(w.dtype)
     weights_t = _weight_matrices(w, geom, work).swapaxes(1, 2)
     grad_out = grad_out.astype(work, copy=False)
@@ -376,6 +378,48 @@ def _input_grad(w, grad_out, geom):
     if geom.layout == "NCHW":
         grad_x = grad_x.transpose(0, 3, 1, 2)
     return numpy.ascontiguousarray(grad_x, dtype=w.dtype)
+
+
+def _input_grad_is_a_forward(geom):
+    """Whether the input gradient is itself a convolution of ``grad_out``
+    (see :func:`_input_grad_by_forward`): at stride 1, with no side padded
+    by more than the dilated kernel's reach."""
+    return geom.stride == (1, 1) and all(
+        max(sides) <= d * (k - 1)
+        for sides, d, k in zip(geom.padding, geom.dilation, geom.kernel))
+
+
+def _input_grad_by_forward(w, grad_out, geom):
+    """At stride 1 the input gradient is a forward convolution ("full"
+    correlation) of ``grad_out`` with the kernel flipped in both spatial
+    axes and its channel axes swapped within each group::
+
+        grad_x[n, h, w, g*C_in/groups + c] = sum over i, j, o of
+            gpad[n, h + i*dh, w + j*dw, g*C_out/groups + o]
+            * w[kh-1-i, kw-1-j, c, g*C_out/groups + o]
+
+    with ``gpad`` ``grad_out`` padded by ``dh*(kh-1) - top`` rows above and
+    ``dh*(kh-1) - bottom`` below (columns alike).  One gather and one long
+    product per block, as in :func:`_forward`, instead of a short product
+    whose wide result is added back tap by tap (:func:`_col2im`): fewer
+    passes over memory.  The sums are the same, in another order."""
+    if geom.layout == "NCHW":
+        w = w.transpose(2, 3, 1, 0)  # to HWIO
+        grad_out = grad_out.transpose(0, 2, 3, 1)
+    kh, kw, cin_per_group, c_out = w.shape
+    groups = geom.groups
+    flipped = w[::-1, ::-1].reshape(kh, kw, cin_per_group, groups, c_out // groups)
+    w_t = flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, c_out // groups,
+                                                   groups * cin_per_group)
+    padding = tuple((d * (k - 1) - before, d * (k - 1) - after)
+                    for (before, after), d, k in zip(geom.padding, geom.dilation, geom.kernel))
+    transposed = geom._replace(
+        in_channels=geom.out_channels, out_channels=geom.in_channels,
+        in_hw=geom.out_hw, out_hw=geom.in_hw, padding=padding, layout="NHWC")
+    grad_x = _forward(grad_out, w_t, None, transposed)
+    if geom.layout == "NCHW":
+        grad_x = numpy.ascontiguousarray(grad_x.transpose(0, 3, 1, 2))
+    return grad_x.astype(w.dtype, copy=False)
 
 
 def _weight_grad(x, grad_out, geom):

@@ -81,12 +81,14 @@ def torch_twin(torch, net, device="cpu", memory_format=None, lr=1e-4):
         else:
             raise ValueError(f"no PyTorch twin for layer {name!r}")
         modules.append((name.replace(".", "_"), module))
-    layers = nn.Sequential(collections.OrderedDict(modules)).to(device=device, memory_format=memory_format)
+    layers = nn.Sequential(collections.OrderedDict(modules)).to(
+        device=device, dtype=getattr(torch, net.dtype.name), memory_format=memory_format)
     return layers, torch.optim.Adam(layers.parameters(), lr=lr)
 
 
 def _tensor(torch, a, device):
-    return torch.from_numpy(numpy.ascontiguousarray(cupyconv.asnumpy(a))).to(device)
+    """A copy of ``a`` (never sharing its memory) on ``device``."""
+    return torch.from_numpy(numpy.array(cupyconv.asnumpy(a), order="C")).to(device)
 
 
 def torch_step(torch, layers, optimizer, images, labels):
