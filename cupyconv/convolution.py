@@ -14,7 +14,9 @@ the kernel size.  The blocks are shared among the cores, each running its
 own gathers and single-threaded products (see :mod:`cupyconv._parallel`).
 
 The gradients reuse the same tap geometry: ``conv2d_weight`` multiplies the
-gathered matrix's transpose by ``grad_out``; ``conv2d_input`` multiplies
+gathered matrix's transpose by ``grad_out``; ``conv2d_input`` at stride 1 is
+itself a convolution, of ``grad_out`` with the kernel flipped and its
+channel axes swapped, run as the forward is; at other strides it multiplies
 ``grad_out`` by the weights' transpose and adds each tap's columns back where
 they were gathered from ("col2im"), so input pixels that no tap reads (the
 stride skips them) get zero gradient.
@@ -56,6 +58,10 @@ _MIN_SHARED_BLOCK_ELEMENTS = 2**16
 #: 20-day layer 1 1.07 -> 0.93 ms; 64 and 256 KiB chunks do about as well.
 _SHORT_REDUCTION = 32
 _CHUNK_OUTPUT_BYTES = 1 << 17
+
+#: Blocks hold at least this many output pixels per output channel (see
+#: :func:`_block_elements`).
+_ROWS_PER_OUTPUT_CHANNEL = 4
 
 #: Most input channels per group for which gathers are laid out tap-major
 #: (see :func:`_gather_tap_major`).
@@ -348,7 +354,7 @@ def _forward(x, w, bias, geom):
         if bias is not None:
             y_block += bias  # while the block is still in cache
 
-    _parallel.for_each_block(block, _blocks(geom))
+    _parallel.for_each_block(block, _blocks(geom, _block_elements(geom)))
     return y.astype(x.dtype, copy=False)
 
 
@@ -448,9 +454,24 @@ def _weight_grad(x, grad_out, geom):
 
     grad = numpy.zeros(shape, work)
     # Fixed shares: the sum over blocks is then the same on every run.
-    for scratch in _parallel.for_each_block(block, _blocks(geom), fixed_shares=True):
+    blocks = _blocks(geom, _block_elements(geom))
+    for scratch in _parallel.for_each_block(block, blocks, fixed_shares=True):
         grad += scratch.get("grad", 0)
     return _weight_from_matrices(grad, geom, x.dtype)
+
+
+def _block_elements(geom):
+    """Gathered elements per block for :func:`_forward` and
+    :func:`_weight_grad`: ``_BLOCK_ELEMENTS``, or enough for
+    ``_ROWS_PER_OUTPUT_CHANNEL`` output pixels per output channel of a
+    group.  Each block's product reads (forward: BLAS packs it) or writes
+    and adds up (weight gradient) a whole ``(kh*kw*C_in/groups,
+    C_out/groups)`` matrix per group, whatever the block's rows; with
+    enough rows, the product's arithmetic outweighs that."""
+    kh, kw = geom.kernel
+    per_pixel = kh * kw * geom.in_channels
+    rows = _ROWS_PER_OUTPUT_CHANNEL * geom.out_channels // geom.groups
+    return max(_BLOCK_ELEMENTS, rows * per_pixel)
 
 
 def _work_dtype(dtype):
@@ -525,9 +546,9 @@ def _gather_tap_major(geom):
     return geom.in_channels // geom.groups <= _TAP_MAJOR_MAX_CHANNELS
 
 
-def _blocks(geom):
+def _blocks(geom, block_elements=_BLOCK_ELEMENTS):
     """Tile the output into blocks whose gathered matrix has about
-    ``_BLOCK_ELEMENTS`` entries -- whole images when one fits, else bands of
+    ``block_elements`` entries -- whole images when one fits, else bands of
     output rows of one image -- and at least ``_BLOCKS_PER_CORE`` blocks per
     core where the work allows (blocks are shared among the cores, see
     :mod:`cupyconv._parallel`).  Returns their ``(images, rows)`` index
@@ -536,7 +557,7 @@ def _blocks(geom):
     kh, kw = geom.kernel
     per_row = max(1, ow * kh * kw * geom.in_channels)
     total = geom.batch * oh * per_row
-    elements = min(_BLOCK_ELEMENTS,
+    elements = min(block_elements,
                    max(_MIN_SHARED_BLOCK_ELEMENTS,
                        total // (_BLOCKS_PER_CORE * _parallel.CPUS)))
     rows = max(1, elements // per_row)
