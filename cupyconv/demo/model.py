@@ -4,7 +4,11 @@ Convolution and max-pooling are cupyconv's; everything else (BatchNorm,
 LeakyReLU, Dropout, Linear, softmax cross-entropy, Adam) is plain array code
 in ``xp``, the array module of the input: NumPy on the CPU, CuPy on the GPU,
 the same code for both.  Images are NHWC, convolution weights
-``(kh, kw, C_in, C_out)``.
+``(kh, kw, C_in, C_out)``.  BatchNorm and LeakyReLU see their arrays as
+``(rows, channels)``: per-channel sums are ``einsum`` reductions over the
+rows, and the elementwise passes run in place over cache-sized blocks of
+rows, shared among the CPU cores (:func:`_by_rows`); on the GPU each pass
+is one CuPy call over the whole array.
 
 Architectures (each block is Conv (5, 3) -> BatchNorm -> LeakyReLU(0.01) ->
 MaxPool (2, 1); the head is Flatten -> Dropout(0.5) -> Linear(-> 2))::
