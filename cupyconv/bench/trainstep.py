@@ -14,14 +14,13 @@ agree only when both use the same mask: :func:`fixed_dropout` makes both
 keep the inputs where given uniform numbers are at least ``p``, which the
 benchmark does for the one call whose results it compares.
 
-:func:`layer_profile` times each layer's forward and backward on both sides
-(alternating the two, several steps, medians): the benchmark's per-layer
-breakdown.
+:func:`cupyconv_profiled_step` and :func:`torch_profiled_step` run a step
+layer by layer, timing each layer's forward and backward: the benchmark
+alternates them for its per-layer breakdown.
 """
 
 import collections
 import contextlib
-import statistics
 import time
 
 import numpy
@@ -31,7 +30,7 @@ import cupyconv
 from ..demo import model as demo_model
 
 __all__ = ["cupyconv_step", "torch_twin", "torch_step", "fixed_dropout",
-           "layer_profile", "PHASES"]
+           "cupyconv_profiled_step", "torch_profiled_step"]
 
 
 def cupyconv_step(net, optimizer, images, labels):
@@ -116,7 +115,7 @@ def fixed_dropout(net, uniform, torch=None, layers=None):
         h, w, c = demo_model.layer_shapes(net.model)[-2][1]
         chw = uniform.reshape(-1, h, w, c).transpose(0, 3, 1, 2).reshape(uniform.shape[0], -1)
         keep = torch.from_dlpack(chw.copy()).to(next(layers.parameters()).device) >= dropout.p
-        layers.dropout = _MaskModule(torch, keep, 1 / (1 - dropout.p))
+        layers.dropout = _mask_module(torch, keep, 1 / (1 - dropout.p))
     try:
         yield
     finally:
@@ -135,44 +134,12 @@ class _Replay:
         return self.uniform.reshape(shape).astype(dtype, copy=False)
 
 
-def _MaskModule(torch, keep, scale):
+def _mask_module(torch, keep, scale):
+    """A module multiplying its input by ``keep * scale``."""
     class Mask(torch.nn.Module):
         def forward(self, x):
             return x * keep.to(x.dtype) * scale
     return Mask()
-
-
-#: The phases of a step that :func:`layer_profile` times besides the layers.
-PHASES = ("loss", "optimizer")
-
-
-def layer_profile(step_sides, steps=5, sync=None):
-    """Per-layer times of alternating training steps.
-
-    Parameters
-    ----------
-    step_sides : dict
-        ``{side: profiled_step}``, each a callable that runs one step and
-        returns ``{phase: seconds}`` (see :func:`cupyconv_profiled_step`
-        and :func:`torch_profiled_step`).
-    steps : int
-        Steps per side, alternating sides each step (after one untimed
-        step each).
-
-    Returns
-    -------
-    dict
-        ``{side: {phase: median seconds}}``.
-    """
-    for profiled in step_sides.values():
-        profiled()
-    times = {side: {} for side in step_sides}
-    for _ in range(steps):
-        for side, profiled in step_sides.items():
-            for phase, seconds in profiled().items():
-                times[side].setdefault(phase, []).append(seconds)
-    return {side: {phase: statistics.median(values) for phase, values in phases.items()}
-            for side, phases in times.items()}
 
 
 def cupyconv_profiled_step(net, optimizer, images, labels, sync=lambda: None):

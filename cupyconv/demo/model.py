@@ -192,7 +192,7 @@ def _sums_by_rows(function, *arrays):
     block's shape to work in; the same on every run (the per-core sums are
     added in order)."""
     first = arrays[0]
-    if get_array_module(first) is not numpy:
+    if get_array_module(first) is not numpy or len(first) == 0:
         return function(get_array_module(first).empty_like(first), *arrays)
     step = max(1, _BLOCK_BYTES // max(1, first.strides[0]))
     partial = {}
