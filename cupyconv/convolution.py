@@ -14,9 +14,7 @@ the kernel size.  The blocks are shared among the cores, each running its
 own gathers and single-threaded products (see :mod:`cupyconv._parallel`).
 
 The gradients reuse the same tap geometry: ``conv2d_weight`` multiplies the
-gathered matrix's transpose by ``grad_out``; ``conv2d_input`` at stride 1 is
-itself a convolution, of ``grad_out`` with the kernel flipped and its
-channel axes swapped, run as the forward is; at other strides it multiplies
+gathered matrix's transpose by ``grad_out``; ``conv2d_input`` multiplies
 ``grad_out`` by the weights' transpose and adds each tap's columns back where
 they were gathered from ("col2im"), so input pixels that no tap reads (the
 stride skips them) get zero gradient.
@@ -58,10 +56,6 @@ _MIN_SHARED_BLOCK_ELEMENTS = 2**16
 #: 20-day layer 1 1.07 -> 0.93 ms; 64 and 256 KiB chunks do about as well.
 _SHORT_REDUCTION = 32
 _CHUNK_OUTPUT_BYTES = 1 << 17
-
-#: Blocks hold at least this many output pixels per output channel (see
-#: :func:`_block_elements`).
-_ROWS_PER_OUTPUT_CHANNEL = 4
 
 #: Most input channels per group for which gathers are laid out tap-major
 #: (see :func:`_gather_tap_major`).
@@ -354,13 +348,11 @@ def _forward(x, w, bias, geom):
         if bias is not None:
             y_block += bias  # while the block is still in cache
 
-    _parallel.for_each_block(block, _blocks(geom, _block_elements(geom)))
+    _parallel.for_each_block(block, _blocks(geom))
     return y.astype(x.dtype, copy=False)
 
 
 def _input_grad(w, grad_out, geom):
-    if _input_grad_is_a_forward(geom):
-        return _input_grad_by_forward(w, grad_out, geom)
     work = _work_dtype(w.dtype)
     weights_t = _weight_matrices(w, geom, work).swapaxes(1, 2)
     grad_out = grad_out.astype(work, copy=False)
@@ -384,48 +376,6 @@ def _input_grad(w, grad_out, geom):
     if geom.layout == "NCHW":
         grad_x = grad_x.transpose(0, 3, 1, 2)
     return numpy.ascontiguousarray(grad_x, dtype=w.dtype)
-
-
-def _input_grad_is_a_forward(geom):
-    """Whether the input gradient is itself a convolution of ``grad_out``
-    (see :func:`_input_grad_by_forward`): at stride 1, with no side padded
-    by more than the dilated kernel's reach."""
-    return geom.stride == (1, 1) and all(
-        max(sides) <= d * (k - 1)
-        for sides, d, k in zip(geom.padding, geom.dilation, geom.kernel))
-
-
-def _input_grad_by_forward(w, grad_out, geom):
-    """At stride 1 the input gradient is a forward convolution ("full"
-    correlation) of ``grad_out`` with the kernel flipped in both spatial
-    axes and its channel axes swapped within each group::
-
-        grad_x[n, h, w, g*C_in/groups + c] = sum over i, j, o of
-            gpad[n, h + i*dh, w + j*dw, g*C_out/groups + o]
-            * w[kh-1-i, kw-1-j, c, g*C_out/groups + o]
-
-    with ``gpad`` ``grad_out`` padded by ``dh*(kh-1) - top`` rows above and
-    ``dh*(kh-1) - bottom`` below (columns alike).  One gather and one long
-    product per block, as in :func:`_forward`, instead of a short product
-    whose wide result is added back tap by tap (:func:`_col2im`): fewer
-    passes over memory.  The sums are the same, in another order."""
-    if geom.layout == "NCHW":
-        w = w.transpose(2, 3, 1, 0)  # to HWIO
-        grad_out = grad_out.transpose(0, 2, 3, 1)
-    kh, kw, cin_per_group, c_out = w.shape
-    groups = geom.groups
-    flipped = w[::-1, ::-1].reshape(kh, kw, cin_per_group, groups, c_out // groups)
-    w_t = flipped.transpose(0, 1, 4, 3, 2).reshape(kh, kw, c_out // groups,
-                                                   groups * cin_per_group)
-    padding = tuple((d * (k - 1) - before, d * (k - 1) - after)
-                    for (before, after), d, k in zip(geom.padding, geom.dilation, geom.kernel))
-    transposed = geom._replace(
-        in_channels=geom.out_channels, out_channels=geom.in_channels,
-        in_hw=geom.out_hw, out_hw=geom.in_hw, padding=padding, layout="NHWC")
-    grad_x = _forward(grad_out, w_t, None, transposed)
-    if geom.layout == "NCHW":
-        grad_x = numpy.ascontiguousarray(grad_x.transpose(0, 3, 1, 2))
-    return grad_x.astype(w.dtype, copy=False)
 
 
 def _weight_grad(x, grad_out, geom):
@@ -454,24 +404,9 @@ def _weight_grad(x, grad_out, geom):
 
     grad = numpy.zeros(shape, work)
     # Fixed shares: the sum over blocks is then the same on every run.
-    blocks = _blocks(geom, _block_elements(geom))
-    for scratch in _parallel.for_each_block(block, blocks, fixed_shares=True):
+    for scratch in _parallel.for_each_block(block, _blocks(geom), fixed_shares=True):
         grad += scratch.get("grad", 0)
     return _weight_from_matrices(grad, geom, x.dtype)
-
-
-def _block_elements(geom):
-    """Gathered elements per block for :func:`_forward` and
-    :func:`_weight_grad`: ``_BLOCK_ELEMENTS``, or enough for
-    ``_ROWS_PER_OUTPUT_CHANNEL`` output pixels per output channel of a
-    group.  Each block's product reads (forward: BLAS packs it) or writes
-    and adds up (weight gradient) a whole ``(kh*kw*C_in/groups,
-    C_out/groups)`` matrix per group, whatever the block's rows; with
-    enough rows, the product's arithmetic outweighs that."""
-    kh, kw = geom.kernel
-    per_pixel = kh * kw * geom.in_channels
-    rows = _ROWS_PER_OUTPUT_CHANNEL * geom.out_channels // geom.groups
-    return max(_BLOCK_ELEMENTS, rows * per_pixel)
 
 
 def _work_dtype(dtype):
@@ -546,9 +481,9 @@ def _gather_tap_major(geom):
     return geom.in_channels // geom.groups <= _TAP_MAJOR_MAX_CHANNELS
 
 
-def _blocks(geom, block_elements=_BLOCK_ELEMENTS):
+def _blocks(geom):
     """Tile the output into blocks whose gathered matrix has about
-    ``block_elements`` entries -- whole images when one fits, else bands of
+    ``_BLOCK_ELEMENTS`` entries -- whole images when one fits, else bands of
     output rows of one image -- and at least ``_BLOCKS_PER_CORE`` blocks per
     core where the work allows (blocks are shared among the cores, see
     :mod:`cupyconv._parallel`).  Returns their ``(images, rows)`` index
@@ -557,7 +492,7 @@ def _blocks(geom, block_elements=_BLOCK_ELEMENTS):
     kh, kw = geom.kernel
     per_row = max(1, ow * kh * kw * geom.in_channels)
     total = geom.batch * oh * per_row
-    elements = min(block_elements,
+    elements = min(_BLOCK_ELEMENTS,
                    max(_MIN_SHARED_BLOCK_ELEMENTS,
                        total // (_BLOCKS_PER_CORE * _parallel.CPUS)))
     rows = max(1, elements // per_row)
