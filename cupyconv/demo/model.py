@@ -190,7 +190,9 @@ def _sums_by_rows(function, *arrays):
     """Sums over the blocks of :func:`_by_rows` of the per-channel vectors
     that ``function(scratch, *blocks)`` returns, ``scratch`` an array of a
     block's shape to work in; the same on every run (the per-core sums are
-    added in order)."""
+    added in order).  Summing per block, then the blocks' sums, also keeps
+    float32 rounding errors far below those of one running sum over all
+    rows (which grow with their number)."""
     first = arrays[0]
     if get_array_module(first) is not numpy or len(first) == 0:
         return function(get_array_module(first).empty_like(first), *arrays)
@@ -267,7 +269,8 @@ class BatchNorm(Layer):
         self.rows = rows = _as_rows(x)
         count = len(rows)
         if training:
-            mean = _column_sums(rows) / count
+            (mean,) = _sums_by_rows(lambda scratch, r: (_column_sums(r),), rows)
+            mean /= count
 
             def squares(scratch, r):
                 centered = xp.subtract(r, mean, out=scratch)
