@@ -118,6 +118,16 @@ def _single_threaded_blas():
                 limit(_saved_count)
 
 
+def single_threaded_blas():
+    """A context in which BLAS runs on the calling thread alone, where
+    :func:`blas_threads_limited` (else it changes nothing).  For products
+    too small to gain from more threads: on a busy machine a call split
+    over threads waits for the slowest, up to a scheduler tick."""
+    if not blas_threads_limited():
+        return contextlib.nullcontext()
+    return _single_threaded_blas()
+
+
 def _after_fork_in_child():
     """A forked child has the pool objects but none of their threads: work
     handed to them would never run, and a lock a parent's thread held stays

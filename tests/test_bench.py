@@ -44,7 +44,8 @@ def test_json_schema(quick_run):
     refs = result["references"]["cpu"]
     assert refs["copy_gbps"] > 0 and refs["matmul_tflops"]["float32"] > 0
     assert {r["op"] for r in result["results"]} == set(OPS)
-    assert {r["group"] for r in result["results"]} == {"memory", "seed", "resnet", "sweep"}
+    assert {r["group"] for r in result["results"]} == {"memory", "seed", "resnet", "sweep",
+                                                        "train"}
     tol = result["settings"]["agreement_tolerance"]
     for record in result["results"]:
         assert record["device"] == "cpu"
@@ -289,7 +290,7 @@ def _stand_in_cupy():
     )
     module.random = types.SimpleNamespace(RandomState=lambda seed: types.SimpleNamespace(
         standard_normal=lambda shape, dtype: np.random.default_rng(seed).standard_normal(
-            shape, dtype=dtype)))
+            shape, dtype=dtype)), default_rng=np.random.default_rng)
     pool = types.SimpleNamespace(free_all_blocks=lambda: None)
     module.get_default_memory_pool = lambda: pool
     return module
@@ -374,3 +375,72 @@ def test_report_of_one_part_names_it(quick_run):
     assert text.startswith("# Benchmarks: GPU\n") and "unequal speed" not in text
     result["settings"]["devices"] = ["gpu", "cpu"]
     assert report.markdown(result, None, "no plot").startswith("# Benchmarks\n")
+
+
+def test_train_step_case_has_a_per_layer_breakdown(quick_run):
+    """Both models' step cases time cupyconv and PyTorch's two memory
+    formats, agree on the checked step, and profile every layer of both."""
+    out, result = quick_run
+    records = [r for r in result["results"] if r["op"] == "train_step"]
+    assert [r["params"]["model"] for r in records] == ["5day", "20day"]
+    text = (out / "docs" / "benchmarks.md").read_text()
+    assert "### Training step per layer (CPU)" in text
+    for record in records:
+        layers = {(entry["peer"], entry["detail"]): entry for entry in record["layers"]}
+        phases = layers[("cupyconv", "")]["phases"]
+        blocks = 2 if record["params"]["model"] == "5day" else 3
+        expected = {f"block{k}.{layer} {way}" for k in range(1, blocks + 1)
+                    for layer in ("conv", "bn", "act", "pool") for way in ("forward", "backward")}
+        expected |= {f"{layer} {way}" for layer in ("flatten", "dropout", "fc")
+                     for way in ("forward", "backward")} | {"loss", "optimizer"}
+        assert set(phases) == expected
+        if result["versions"]["torch"]:
+            for detail in ("NCHW", "channels_last"):
+                assert set(layers[("torch", detail)]["phases"]) == expected
+        assert all(seconds > 0 for entry in layers.values()
+                   for seconds in entry["phases"].values())
+        assert f"#### {record['title']}" in text
+
+
+@pytest.mark.parametrize("arch", ["5day", "20day"])
+def test_train_step_twin_matches_pytorch(arch):
+    """The bench's PyTorch twin, given the same dropout mask, takes the same
+    step as the demo's model: loss, logits, every gradient, the weights
+    after Adam; with masks of its own the losses differ.  In float64, so
+    that rounding cannot flip a LeakyReLU's or a max-pool's choice."""
+    torch = pytest.importorskip("torch")
+    from cupyconv.bench import trainstep
+    from cupyconv.demo import charts, model
+
+    c = charts.make_charts(3, arch, seed=1)
+    images = c.images[..., None] / 255.0
+    net = model.PriceTrendCNN(arch, seed=2, dtype=np.float64)
+    features = model.layer_shapes(arch)[-1][1][0]
+    uniform = np.random.default_rng(3).random((3, features))
+    layers, torch_opt = trainstep.torch_twin(torch, net, memory_format=torch.channels_last,
+                                             lr=1e-3)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).contiguous(
+        memory_format=torch.channels_last)
+    y = torch.from_numpy(c.labels.astype(np.int64))
+    with trainstep.fixed_dropout(net, uniform, torch, layers):
+        loss, logits = trainstep.cupyconv_step(net, model.Adam(net, lr=1e-3), images, c.labels)
+        torch_loss, torch_logits = trainstep.torch_step(torch, layers, torch_opt, x, y)
+    np.testing.assert_allclose(loss, torch_loss.item(), rtol=1e-9)
+    np.testing.assert_allclose(logits, torch_logits.detach().numpy(), rtol=1e-9, atol=1e-12)
+    theirs = dict(layers.named_parameters())
+    h, w, ch = model.layer_shapes(arch)[-2][1]
+    for name, value, grad in net.parameters():
+        t = theirs[name.replace(".", "_", 1) if name.startswith("block") else name]
+        t_grad, t_value = t.grad.numpy(), t.detach().numpy()
+        if t.ndim == 4:  # OIHW -> HWIO
+            t_grad, t_value = t_grad.transpose(2, 3, 1, 0), t_value.transpose(2, 3, 1, 0)
+        elif name == "fc.weight":  # (2, c*h*w) -> (h*w*c, 2)
+            t_grad, t_value = (a.reshape(2, ch, h, w).transpose(2, 3, 1, 0).reshape(-1, 2)
+                               for a in (t_grad, t_value))
+        np.testing.assert_allclose(grad, t_grad, atol=1e-9 * np.abs(t_grad).max(),
+                                   err_msg=name)
+        np.testing.assert_allclose(value, t_value, atol=1e-9, err_msg=name)
+    # Each library's own masks: other logits.
+    _, other = trainstep.torch_step(torch, layers, torch_opt, x, y)
+    _, again = trainstep.cupyconv_step(net, model.Adam(net), images, c.labels)
+    assert not np.allclose(other.detach().numpy(), again, rtol=1e-3)

@@ -338,3 +338,46 @@ def test_docstring_examples(module):
     import doctest
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 10, 1 << 18, 1 << 40], ids=["tiny", "default", "whole"])
+def test_batchnorm_and_leaky_relu_by_row_blocks(block_bytes, monkeypatch):
+    """BatchNorm's and LeakyReLU's passes over blocks of rows (shared among
+    the cores) give the formulas' float64 results to float32 accuracy,
+    whatever the block size (one block is what CuPy arrays get), also for
+    an input that is not C-contiguous."""
+    monkeypatch.setattr(model, "_BLOCK_BYTES", block_bytes)
+    rng = numpy.random.default_rng(5)
+    # Over a MiB per pass: the rows are split among the cores.
+    x = (3 + 2 * rng.standard_normal((12, 40, 11, 32))).astype(numpy.float32)
+    x = x.transpose(0, 2, 1, 3).copy().transpose(0, 2, 1, 3)  # NHWC, not contiguous
+    g = rng.standard_normal(x.shape).astype(numpy.float32)
+    weight = rng.uniform(0.5, 2, 32).astype(numpy.float32)
+    bias = rng.standard_normal(32).astype(numpy.float32)
+    bn = model.BatchNorm(32, xp=numpy, dtype=numpy.float32)
+    bn.params.update(weight=weight, bias=bias)
+    act = model.LeakyReLU()
+    y = act.forward(bn.forward(x, training=True), training=True)
+    grad_x = bn.backward(act.backward(g))
+
+    x64, g64 = x.astype(numpy.float64), g.astype(numpy.float64)
+    axes = (0, 1, 2)
+    mean, var = x64.mean(axis=axes), x64.var(axis=axes)
+    x_hat = (x64 - mean) / numpy.sqrt(var + 1e-5)
+    z = weight * x_hat + bias
+    expected_y = numpy.where(z > 0, z, 0.01 * z)
+    grad_z = numpy.where(z > 0, g64, 0.01 * g64)
+    count = x.size // 32
+    expected_grad_x = weight / numpy.sqrt(var + 1e-5) / count * (
+        count * grad_z - grad_z.sum(axis=axes) - x_hat * (grad_z * x_hat).sum(axis=axes))
+
+    def close(ours, expected, what):
+        assert ours.dtype == numpy.float32 and ours.shape == expected.shape
+        numpy.testing.assert_allclose(ours, expected, rtol=1e-5,
+                                      atol=1e-5 * numpy.abs(expected).max(), err_msg=what)
+
+    close(y, expected_y, "output")
+    close(grad_x, expected_grad_x, "input gradient")
+    close(bn.grads["weight"], (grad_z * x_hat).sum(axis=axes), "weight gradient")
+    close(bn.grads["bias"], grad_z.sum(axis=axes), "bias gradient")
+    close(bn.running_var, 0.9 + 0.1 * var * count / (count - 1), "running_var")

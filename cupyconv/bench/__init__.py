@@ -23,6 +23,19 @@ kernel taps at stride 1 then subsampled for conv2d, as the seed project did).
 PyTorch runs in both NCHW and channels_last memory formats (layout
 conversion is not timed) and tables show the faster.
 
+Training step
+-------------
+``train_step`` times one step of the demo's 5-day and 20-day CNNs
+(forward, softmax cross-entropy, backward, Adam; batch 128) against the
+same network in PyTorch (:mod:`cupyconv.bench.trainstep`), both training
+their own copy from the same weights, a step per call.  The checked call
+applies one dropout mask on both sides; its loss, logits and Linear weight
+gradient are compared.  After the timed rounds the implementations
+take turns in profiled steps that time every layer's forward and backward
+(medians in the record's ``layers``; a table per case in the report).  On
+the GPU PyTorch runs with TF32 off and on; cupyconv has no float16 step
+(the model keeps no float32 master weights), so float16 is not compared.
+
 Timing method
 -------------
 * Inputs are made once per case (NHWC activations, HWIO weights, float32,

@@ -38,7 +38,7 @@ PEER_LABELS = {
 }
 
 #: Names accepted by ``--ops``.
-OPS = ("dilate", "undilate", "max_pool2d", "conv2d")
+OPS = ("dilate", "undilate", "max_pool2d", "conv2d", "train_step")
 
 
 @dataclasses.dataclass
@@ -54,13 +54,14 @@ class Impl:
     clock: str = "cupy"  # GPU event source: "cupy" or "torch"
     traced: bool = True  # tracemalloc sees its allocations
     context: Callable = contextlib.nullcontext
+    profile: Optional[Callable] = None  # state -> {phase: seconds} of one call
 
 
 @dataclasses.dataclass
 class Case:
     key: str
     op: str
-    group: str  # "memory", "seed", "resnet", "sweep"
+    group: str  # "memory", "seed", "resnet", "sweep", "train"
     device: str  # "cpu" or "gpu"
     title: str
     dtype: str
@@ -77,6 +78,7 @@ class Case:
     #: Key of the matmul rate (``references["matmul_tflops"]``) that
     #: ``pct_of_matmul`` compares with; the dtype when None.
     matmul_mode: Optional[str] = None
+    profile_steps: int = 0  # calls of each Impl.profile for the per-layer breakdown
 
     @property
     def bound(self):
@@ -573,13 +575,14 @@ def _sizes(device, quick):
     """Problem sizes per device; ``quick`` shrinks everything for smoke tests."""
     if quick:
         return dict(memory=(2, 16, 16, 4), seed_n=4, day20_n=1, resnet=(1, 8, 16),
-                    sweep=(1, 2))
+                    sweep=(1, 2), train_n=2, profile_steps=1)
     if device == "gpu":
         # 64*256*256*16 float32 = 256 MiB input for the memory-bound ops.
         return dict(memory=(64, 256, 256, 16), seed_n=128, day20_n=128,
-                    resnet=(32, 64, 56), sweep=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+                    resnet=(32, 64, 56), sweep=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+                    train_n=128, profile_steps=10)
     return dict(memory=(16, 128, 128, 16), seed_n=128, day20_n=32, resnet=(8, 64, 56),
-                sweep=(1, 4, 16, 64, 256))
+                sweep=(1, 4, 16, 64, 256), train_n=128, profile_steps=5)
 
 
 def build_cases(device, ops=OPS, quick=False):
@@ -631,6 +634,10 @@ def build_cases(device, ops=OPS, quick=False):
                 hw=(16, 15), loop=False, plain=False, tf32=False, **seed))
         if device == "gpu":
             cases += _precision_cases(device, xp, torch, layers, size, seed, quick)
+    if "train_step" in ops:
+        for model in ("5day", "20day"):
+            cases.append(train_step_case(device, xp, torch, model, size["train_n"],
+                                         size["profile_steps"]))
     return cases
 
 
@@ -650,3 +657,158 @@ def _precision_cases(device, xp, torch, layers, size, seed, quick):
                 title=f"seed L2 64->128, 16x15, N={batch}", n=batch, c_in=64, c_out=128,
                 hw=(16, 15), mode=mode, **seed))
     return cases
+
+
+# --- the demo's training step ---------------------------------------------
+
+def train_step_case(device, xp, torch, model, n, profile_steps):
+    """One training step of the demo's CNN (``model`` "5day" or "20day",
+    batch ``n``): forward, softmax cross-entropy, backward, Adam, against
+    the same network in PyTorch (see :mod:`cupyconv.bench.trainstep`).
+
+    Every implementation trains its own copy of the network, from the same
+    initial weights, a step per call.  The first call, whose loss, logits
+    and Linear weight gradient are compared, applies the dropout mask
+    given by the inputs' ``uniform`` on both sides; later calls draw their
+    own masks, as training does.  (Deeper gradients are float32 sums of
+    cancelling terms: two of PyTorch's own convolution algorithms give
+    first-layer weight gradients 0.6% apart.  The tests compare every
+    gradient with PyTorch's in float64.)"""
+    from ..demo import model as demo_model
+    from ..demo.charts import CHART_SPECS, make_charts
+    from . import trainstep
+
+    spec = CHART_SPECS[model]
+    features = demo_model.layer_shapes(model)[-1][1][0]
+    shapes = {"images": (n, spec.height, spec.width, 1)}
+
+    def make_inputs(xp_, seed):
+        charts = make_charts(n, model, seed=[seed, 5])
+        rng = numpy.random.default_rng([seed, 6])
+        uniform = rng.random((n, features), numpy.float32)
+        # Charts are mostly black: their convolutions tie within max-pool
+        # windows, where float32 rounding then picks either side's element
+        # and the compared gradients differ.  A little noise breaks the ties.
+        images = charts.images[..., None] / numpy.float32(255)
+        images += rng.standard_normal(images.shape, numpy.float32) * numpy.float32(0.01)
+        return {"images": xp_.asarray(images),
+                "labels": xp_.asarray(charts.labels.astype(numpy.int64)),
+                "uniform": xp_.asarray(uniform)}
+
+    if device == "gpu":
+        def sync():
+            xp.cuda.get_current_stream().synchronize()
+    else:
+        def sync():
+            pass
+
+    shared = {}  # the one network cupyconv trains, for every input set
+
+    def ours_prepare(inputs):
+        if "net" not in shared:
+            net = demo_model.PriceTrendCNN(model, xp=xp, seed=0)
+            shared.update(net=net, optimizer=demo_model.Adam(net, lr=1e-4), checked=False)
+        return dict(inputs, shared=shared)
+
+    def ours_run(s):
+        shared = s["shared"]
+        net, optimizer = shared["net"], shared["optimizer"]
+        if shared["checked"]:
+            return trainstep.cupyconv_step(net, optimizer, s["images"], s["labels"])
+        shared["checked"] = True
+        with trainstep.fixed_dropout(net, s["uniform"]):
+            loss, logits = trainstep.cupyconv_step(net, optimizer, s["images"], s["labels"])
+        return loss, logits, dict(net.layers)["fc"].grads["weight"]
+
+    def ours_profile(s):
+        shared = s["shared"]
+        return trainstep.cupyconv_profiled_step(shared["net"], shared["optimizer"],
+                                                s["images"], s["labels"], sync)
+
+    def ours_canonical(outputs):
+        return (xp.asarray(outputs[0], numpy.float32).reshape(1),) + tuple(outputs[1:])
+
+    impls = [Impl(peer="cupyconv", prepare=ours_prepare, run=ours_run,
+                  to_canonical=ours_canonical, profile=ours_profile)]
+    impls += _torch_train_impls(torch, device, xp, model)
+    convs = [(name, shape) for name, shape in demo_model.layer_shapes(model)
+             if name.endswith(".conv")]
+    kh, kw = demo_model.KERNEL
+    c_in, conv_flops = 1, 0
+    for _, (h, w, c) in convs:
+        conv_flops += 2 * n * h * w * c * kh * kw * c_in
+        c_in = c
+    flops = 3 * conv_flops + 3 * 2 * n * features * 2
+    images_bytes = math.prod(shapes["images"]) * 4
+    return Case(
+        key=f"train_{model}", op="train_step", group="train", device=device,
+        title=f"training step, {model} CNN, batch {n}", dtype="float32",
+        shapes=shapes, params={"model": model, "batch": n}, make_inputs=make_inputs,
+        impls=impls, flops=flops, bytes=images_bytes, profile_steps=profile_steps,
+        note="flops = 3x the convolutions' and the Linear layer's forward "
+             "(2*N*Ho*Wo*C_out*kh*kw*C_in each); the first convolution's input "
+             "gradient is not computed")
+
+
+def _torch_train_impls(torch, device, xp, model):
+    """The PyTorch twin's step in NCHW and channels_last, on the GPU with
+    TF32 off and on."""
+    if torch is None:
+        return []
+    from ..demo import model as demo_model
+    from . import trainstep
+
+    torch_device = "cuda" if device == "gpu" else "cpu"
+    if device == "gpu":
+        sync = torch.cuda.synchronize
+    else:
+        def sync():
+            pass
+    impls = []
+    for tf32 in (False, True) if device == "gpu" else (False,):
+        for detail, fmt in _torch_layouts(torch):
+            shared = {}  # the one network this variant trains
+
+            def prepare(inputs, fmt=fmt, shared=shared):
+                if "layers" not in shared:
+                    # The same initial weights as cupyconv's (same seed).
+                    net = demo_model.PriceTrendCNN(model, seed=0)
+                    layers, optimizer = trainstep.torch_twin(torch, net, torch_device, fmt)
+                    shared.update(net=net, layers=layers, optimizer=optimizer, checked=False)
+                return dict(shared=shared,
+                            images=_to_torch(torch, inputs["images"], "act", fmt),
+                            labels=torch.from_dlpack(inputs["labels"]),
+                            uniform=inputs["uniform"])
+
+            def run(s):
+                shared = s["shared"]
+                layers, optimizer = shared["layers"], shared["optimizer"]
+                if shared["checked"]:
+                    return trainstep.torch_step(torch, layers, optimizer, s["images"],
+                                                s["labels"])
+                shared["checked"] = True
+                with trainstep.fixed_dropout(shared["net"], s["uniform"], torch, layers):
+                    loss, logits = trainstep.torch_step(torch, layers, optimizer,
+                                                        s["images"], s["labels"])
+                return loss, logits, layers.fc.weight.grad
+
+            def profile(s):
+                shared = s["shared"]
+                return trainstep.torch_profiled_step(torch, shared["layers"], shared["optimizer"],
+                                                     s["images"], s["labels"], sync)
+
+            def canonical(outputs):
+                loss, logits, fc_grad = outputs
+                # (2, c*h*w) -> our (h*w*c, 2): NHWC flattening.
+                h, w, c = demo_model.layer_shapes(model)[-2][1]
+                fc_grad = fc_grad.reshape(-1, c, h, w).permute(2, 3, 1, 0).reshape(-1, 2)
+                return (_from_torch(xp, loss.float().reshape(1), "raw"),
+                        _from_torch(xp, logits.float(), "raw"),
+                        _from_torch(xp, fc_grad.float(), "raw"))
+
+            impls.append(Impl(
+                peer="torch-tf32" if tf32 else "torch", prepare=prepare, run=run,
+                to_canonical=canonical, detail=detail, profile=profile,
+                clock="torch" if device == "gpu" else "cupy", traced=False,
+                context=_torch_context(torch, device, tf32)))
+    return impls

@@ -95,7 +95,7 @@ def _devices(result):
     return [d for d in ("gpu", "cpu") if any(r["device"] == d for r in result["results"])]
 
 
-MAIN_GROUPS = ("memory", "seed", "resnet")
+MAIN_GROUPS = ("memory", "seed", "resnet", "train")
 
 
 def text_table(result):
@@ -251,6 +251,36 @@ def _sweep_section(results, device):
                       PEER_LABELS[device]["torch"], "ratio"], rows)
 
 
+def _layers_section(record):
+    """The per-layer breakdown of a training-step case: each phase's median
+    time per implementation, and cupyconv's over PyTorch's faster variant
+    (TF32 off on the GPU)."""
+    entries = [e for e in record.get("layers", ()) if "phases" in e]
+    ours = next((e for e in entries if e["peer"] == "cupyconv"), None)
+    if ours is None:
+        return []
+    torch = [e for e in entries if e["peer"] == "torch"]
+    header = ["phase"] + [e["label"] + (f" ({e['detail']})" if e["detail"] else "")
+                          for e in entries]
+    if torch:
+        header.append("r vs faster PyTorch")
+    rows = []
+    for phase in list(ours["phases"]) + ["sum of phases"]:
+        def seconds(entry):
+            if phase == "sum of phases":
+                return sum(entry["phases"].values())
+            return entry["phases"].get(phase)
+        cells = [phase] + [fmt_time(seconds(e)) for e in entries]
+        if torch:
+            theirs = min((seconds(e) for e in torch if seconds(e)), default=None)
+            cells.append(f"{seconds(ours) / theirs:.2f}" if theirs else "-")
+        rows.append(cells)
+    failed = [f"{e['label']} ({e['detail']}): `{e['error']}`"
+              for e in record.get("layers", ()) if "error" in e]
+    notes = [f"Profile failed: {', '.join(failed)}.", ""] if failed else []
+    return [f"#### {record['title']}", "", *notes, *_md_table(header, rows), ""]
+
+
 def _problems_section(result):
     tol = result["settings"]["agreement_tolerance"]
     lines = []
@@ -357,6 +387,15 @@ def markdown(result, plot_path=None, plot_note=None, report_path=None):
             out += [f"### Every cupyconv variant ({name})", "",
                     "Where a case times several ways of calling cupyconv, the table above "
                     "shows the fastest; here are all of them.", "", *variants, ""]
+        layers = [line for record in result["results"] if record["device"] == device
+                  for line in _layers_section(record)]
+        if layers:
+            out += [f"### Training step per layer ({name})", "",
+                    "Medians of profiled steps, the implementations alternating step by "
+                    "step; each layer's forward and backward timed alone (PyTorch's "
+                    "modules joined by detached tensors, so that a backward runs "
+                    "through one module), so the phases add up to a little more than "
+                    "the step in the table above.", "", *layers]
         sweep = _sweep_section(result["results"], device)
         if len(sweep) > 2:
             out += [f"### {name} batch sweep: conv2d forward, seed L2 layer", "", *sweep, ""]

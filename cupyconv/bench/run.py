@@ -8,6 +8,7 @@ import gc
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import time
 
@@ -331,6 +332,7 @@ def run_case(device, case, refs, log):
     for r in range(timing.ROUNDS):
         for contender, share in zip(contenders, shares):
             contender.take_turn(device, share[r] if r < len(share) else 0)
+    layers = _layer_profiles(contenders, case.profile_steps) if case.profile_steps else None
     rows = []
     for contender in contenders:
         contender.finish(device)
@@ -345,7 +347,41 @@ def run_case(device, case, refs, log):
         "bytes": case.bytes, "flops": case.flops, "bound": case.bound, "note": case.note,
         "input_copies": copies, "timings": rows, "summary": _summary(rows),
     }
+    if layers:
+        record["layers"] = layers
     return record
+
+
+def _layer_profiles(contenders, steps):
+    """Per-phase medians of ``steps`` profiled calls of each implementation
+    that has a ``profile``, the implementations alternating call by call
+    after one untimed call each: ``[{"peer", "label", "detail", "phases":
+    {phase: seconds}}]``, with ``"error"`` instead of ``"phases"`` for one
+    whose profile raised (its timings stand)."""
+    entries = [{"peer": c.row["peer"], "label": c.row["label"], "detail": c.row["detail"],
+                "phases": {}, "contender": c}
+               for c in contenders if c.impl.profile is not None and not c.failed]
+    for step in range(steps + 1):
+        for entry in entries:
+            if "error" in entry:
+                continue
+            contender = entry["contender"]
+            try:
+                with contender.impl.context():
+                    measured = contender.impl.profile(contender.states[0])
+            except Exception as exc:
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+                continue
+            for phase, seconds in measured.items() if step else ():
+                entry["phases"].setdefault(phase, []).append(seconds)
+    for entry in entries:
+        del entry["contender"]
+        if "error" in entry:
+            del entry["phases"]
+        else:
+            entry["phases"] = {phase: statistics.median(values)
+                               for phase, values in entry["phases"].items()}
+    return entries
 
 
 def _progress(case, row, seconds):

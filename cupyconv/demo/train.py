@@ -240,7 +240,7 @@ def train(train_charts, test_charts, *, model="5day", epochs=2, batch_size=128,
             y = labels[index]
             logits = net.forward(x, training=True)
             loss, grad = softmax_cross_entropy(logits, y)
-            net.backward(grad)
+            net.backward(grad, input_gradient=False)
             optimizer.step()
             batch_loss = float(loss)
             batch_correct = int((logits.argmax(axis=1) == y).sum())
