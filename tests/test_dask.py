@@ -296,3 +296,23 @@ def test_demo_command_tiny():
         runner.run(test)
     result = runner.summarize(verbose=False)
     assert result.attempted >= 2 and not result.failed
+
+
+def test_demo_predict_matches_the_eager_model_and_carries_no_activations():
+    """demo-dask's predict: the labels of the eager model, chunk by chunk,
+    and a graph without the activations the last training step left in the
+    layers (the model enters it once, by its weights)."""
+    pytest.importorskip("distributed")
+    cloudpickle = pytest.importorskip("cloudpickle")
+
+    from cupyconv.demo.dask_inference import predict
+    from cupyconv.demo.model import PriceTrendCNN, softmax_cross_entropy
+
+    net = PriceTrendCNN("5day", dtype=np.float32)
+    x = np.random.default_rng(0).random((64, 32, 15, 1), dtype=np.float32)
+    _, grad = softmax_cross_entropy(net.forward(x, training=True), np.zeros(64, int))
+    net.backward(grad)
+    labels = predict(net, da.from_array(x, chunks=(16, 32, 15, 1)))
+    weights = sum(value.nbytes for _, value, _ in net.parameters())
+    assert len(cloudpickle.dumps(dict(labels.__dask_graph__()))) < 2 * weights + x.nbytes
+    np.testing.assert_array_equal(labels.compute(), net.forward(x, training=False).argmax(1))

@@ -3,9 +3,11 @@ set too large to hold at once, as Dask arrays on a cluster of processes.
 
 The charts are made lazily, one chunk of ``--chunk`` charts per task, so no
 process ever holds more than a few chunks; the model is the demo's own
-:class:`~cupyconv.demo.model.PriceTrendCNN`, whose forward pass -- cupyconv's
-``conv2d`` and ``max_pool2d``, NumPy arithmetic -- builds a Dask graph when
-given a Dask array.  The command trains the model briefly, then runs the
+:class:`~cupyconv.demo.model.PriceTrendCNN`, run chunk by chunk
+(``map_blocks``): every task classifies one chunk of charts with the eager
+model (cupyconv's ``conv2d`` and ``max_pool2d`` on the worker's NumPy or
+CuPy chunk), since the model's elementwise layers work in place on their
+arrays.  The command trains the model briefly, then runs the
 inference on ``distributed``'s ``LocalCluster`` with each of ``--workers``
 worker processes (one thread each; cupyconv's CPU code may still use every
 core from each) and prints the images per second of each, after an untimed
@@ -29,6 +31,7 @@ import time
 import numpy
 
 from .charts import CHART_SPECS, make_charts
+from .model import BatchNorm, PriceTrendCNN
 from .train import train
 
 __all__ = ["lazy_charts", "predict", "main"]
@@ -82,8 +85,34 @@ def lazy_charts(count, chunk, model="5day", *, seed=0, signal=0.5):
 
 def predict(net, images):
     """Lazy predicted labels (0 down, 1 up) of a :class:`PriceTrendCNN` in
-    evaluation mode for Dask ``images``."""
+    evaluation mode for Dask ``images``: one eager forward pass per chunk of
+    charts, the model entering the graph once (as one key, without the
+    activations its last training step kept)."""
+    import dask
+
+    if any(len(sizes) > 1 for sizes in images.chunks[1:]):
+        images = images.rechunk({1: -1, 2: -1, 3: -1})
+    model = dask.delayed(_inference_copy(net), pure=True)
+    meta = images._meta.reshape(-1)[:0].astype(numpy.int64)  # NumPy or CuPy, as the chunks
+    return images.map_blocks(_classify, model, drop_axis=[1, 2, 3], dtype=numpy.int64,
+                             meta=meta)
+
+
+def _classify(images, net):
     return net.forward(images, training=False).argmax(axis=1)
+
+
+def _inference_copy(net):
+    """A model with ``net``'s parameters and running statistics and nothing
+    else: the activations and gradients a training step leaves in the layers
+    stay behind."""
+    copy = PriceTrendCNN(net.model, xp=net.xp, dtype=net.dtype)
+    for (_, layer), (_, trained) in zip(copy.layers, net.layers):
+        layer.params = trained.params
+        if isinstance(trained, BatchNorm):
+            layer.running_mean = trained.running_mean
+            layer.running_var = trained.running_var
+    return copy
 
 
 def _pin_workers(client):
