@@ -101,7 +101,12 @@ FAMILIES = {
         ("convolution_forward_igemm", "convolution_input_grad_igemm",
          "convolution_input_grad_gather", "convolution_weight_grad_igemm",
          "convolution_weight_grad_reduce"),
-        FLOAT_TYPES.values()),
+        FLOAT_TYPES.values())
+    + _expressions(
+        "convolution",
+        ("convolution_forward_igemm128", "convolution_input_grad_igemm128",
+         "convolution_weight_grad_igemm128"),
+        ("float",)),
     "pooling": _expressions(
         "pooling", ("pooling_forward_2x1", "pooling_forward_window"), POOL_TYPES.values())
     + _expressions(

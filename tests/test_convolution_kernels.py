@@ -292,6 +292,119 @@ def test_grid_too_large_is_a_value_error():
                                2**40, 64, 1, 1, ())
 
 
+# ---- the 128 x 128 pipelined float32 kernels ------------------------------------
+
+#: Forced onto the *_igemm128 kernels (thresholds patched): more than 128
+#: rows and columns somewhere so that ragged second tiles occur, reductions
+#: longer than the 3-stage ring and not a multiple of its 8-deep slices.
+LARGE_TILE_CASES = [
+    # 153 output pixels x 131 output channels: 2 x 2 ragged tiles; 5x3 taps
+    # over 3 channels, padded unevenly.
+    ConvCase(1, 9, 17, 3, 131, (5, 3), padding=((2, 1), (1, 0)), dtype=np.float32),
+    # NCHW, groups, stride, dilation: 130 input pixels in the input gradient
+    # and 2 x 3 x 9 = 54 taps (a row of the weight gradient) per group.
+    ConvCase(2, 13, 5, 18, 10, (2, 3), stride=(2, 1), padding=((1, 0), (2, 2)),
+             dilation=(2, 1), groups=2, layout="NCHW", dtype=np.float32),
+    # Stride 3 skips input rows; 1x1 kernel with stride: not a matrix product.
+    ConvCase(3, 10, 9, 5, 7, (1, 1), stride=(3, 2), dtype=np.float32, bias=False),
+]
+
+
+@pytest.fixture
+def large_tiles(monkeypatch):
+    """Every float32 implicit GEMM on the *_igemm128 kernels; yields the
+    names of the GEMM kernels launched."""
+    monkeypatch.setattr(conv_cuda, "_LARGE_TILE_BLOCKS", 1)
+    monkeypatch.setattr(conv_cuda, "_LARGE_TILE_MIN_SIDE", 1)
+    launched = []
+    launch = _kernels.launch
+
+    def recording(family, kernel, *args, **kwargs):
+        if "igemm" in kernel:
+            launched.append(kernel)
+        return launch(family, kernel, *args, **kwargs)
+    monkeypatch.setattr(_kernels, "launch", recording)
+    return launched
+
+
+def assert_within_roundoff(actual, x, w, bias, grad_out, case, op, reduction):
+    """|actual - exact| <= 2 K u sum |a||b| per element (K the reduction
+    length, u = 2**-24): the float32 summation bound, from the float64
+    reference on the operands and on their magnitudes."""
+    params = case.params()
+    if op == "forward":
+        exact = reference.conv2d(x, w, bias, *params)
+        size = reference.conv2d(np.abs(x), np.abs(w), None if bias is None else np.abs(bias),
+                                *params)
+    elif op == "input":
+        exact = reference.conv2d_input(w, grad_out, x.shape, *params)
+        size = reference.conv2d_input(np.abs(w), np.abs(grad_out), x.shape, *params)
+    else:
+        exact = reference.conv2d_weight(x, grad_out, w.shape, *params)
+        size = reference.conv2d_weight(np.abs(x), np.abs(grad_out), w.shape, *params)
+    assert actual.dtype == np.float32 and actual.shape == exact.shape
+    error = np.abs(actual.astype(np.float64) - exact)
+    bound = 2 * reduction * 2.0**-24 * size + 1e-30
+    assert np.all(error <= bound), (op, float(np.max(error / bound)))
+
+
+@pytest.mark.parametrize("case", LARGE_TILE_CASES)
+def test_large_tile_kernels_match_reference(cpu_kernels, large_tiles, case):
+    x, w, bias, grad_out = case.arrays(seed=7)
+    geom, (kh, kw) = case.geom, case.kernel
+    cin_g, cout_g = case.c_in // case.groups, case.c_out // case.groups
+    y = conv_cuda.forward(x, w, bias, geom)
+    assert_within_roundoff(y, x, w, bias, grad_out, case, "forward", kh * kw * cin_g + 1)
+    grad_x = conv_cuda.input_grad(w, grad_out, geom)
+    assert_within_roundoff(grad_x, x, w, bias, grad_out, case, "input", kh * kw * cout_g)
+    grad_w = conv_cuda.weight_grad(x, grad_out, geom)
+    pixels = case.n * int(np.prod(case.out_hw))
+    assert_within_roundoff(grad_w, x, w, bias, grad_out, case, "weight", pixels)
+    expected = {"convolution_forward_igemm128", "convolution_weight_grad_igemm128"}
+    if cin_g > conv_cuda._BY_TAPS_CHANNELS:
+        expected.add("convolution_input_grad_igemm128")
+    assert set(large_tiles) == expected
+
+
+def test_large_tile_kernels_read_views(cpu_kernels, large_tiles):
+    """Strided views of x, w and grad_out (every other element along an
+    axis, a negative channel stride) give the contiguous copies' results
+    bit for bit: the loaders address through the strides."""
+    case = ConvCase(2, 9, 8, 10, 12, (3, 2), stride=(1, 2), padding=((1, 1), (0, 1)),
+                    groups=2, layout="NHWC", dtype=np.float32, bias=False)
+    x, w, _, grad_out = case.arrays(seed=3)
+    x_view = np.repeat(x, 2, axis=2)[:, :, ::2]
+    w_view = np.flip(np.ascontiguousarray(np.flip(w, 3)), 3)
+    go_view = np.repeat(grad_out, 2, axis=1)[:, ::2]
+    assert not (x_view.flags.c_contiguous or w_view.flags.c_contiguous
+                or go_view.flags.c_contiguous)
+    geom = case.geom
+    np.testing.assert_array_equal(conv_cuda.forward(x_view, w_view, None, geom),
+                                  conv_cuda.forward(x, w, None, geom))
+    np.testing.assert_array_equal(conv_cuda.input_grad(w_view, go_view, geom),
+                                  conv_cuda.input_grad(w, grad_out, geom))
+    np.testing.assert_array_equal(conv_cuda.weight_grad(x_view, go_view, geom),
+                                  conv_cuda.weight_grad(x, grad_out, geom))
+    assert set(large_tiles) == {"convolution_forward_igemm128",
+                                "convolution_input_grad_igemm128",
+                                "convolution_weight_grad_igemm128"}
+
+
+def test_large_tile_plan():
+    """float32 products with enough 128 x 128 tiles take them; small
+    outputs, narrow ones and other dtypes keep the 64 x 64 kernels."""
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    # The seed's second layer forward: 128*16*15 pixels x 128 channels.
+    assert conv_cuda.plan(f32, 128 * 16 * 15, 128, 1, 1) == 128
+    assert conv_cuda.plan(f64, 128 * 16 * 15, 128, 1, 1) == 64
+    assert conv_cuda.plan(np.dtype(np.float16), 128 * 16 * 15, 128, 1, 1) == 64
+    assert conv_cuda.plan(f32, 4 * 16 * 15, 128, 1, 1) == 64   # 8 tiles
+    assert conv_cuda.plan(f32, 128 * 16 * 15, 64, 1, 1) == 64  # half-empty tiles
+    # A weight gradient: one 128 x 128 tile of taps x channels, many splits.
+    assert conv_cuda.plan(f32, 3 * 3 * 128, 128, 1, 256) == 128
+    assert conv_cuda.plan(f32, 3 * 3 * 128, 128, 1, 8) == 64
+
+
 # ---- GPU: CuPy against the NumPy path at realistic sizes ------------------------
 
 GPU_CASES = [

@@ -98,3 +98,21 @@ def test_tensor_core_kernels_keep_everything_in_registers(build, arch):
     assert len(entries) == len(_kernels.FAMILIES["convolution_mma"]), result.stderr
     heavy = [entry for entry in entries if entry[1:] != ("0", "0", "0")]
     assert not heavy, f"stack frame / spill stores / spill loads: {heavy}"
+
+
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_large_tile_kernels_keep_everything_in_registers(build, arch):
+    """ptxas -v: the 128 x 128 FMA kernels (64 accumulators a thread) fit
+    the 255 registers of one thread with no spill and no stack frame."""
+    command, result = build("convolution")
+    assert result.returncode == 0, result.stderr
+    entries = re.findall(r"Compiling entry function '(\w+igemm128\w+)' for 'sm_(\d+)'.*?"
+                         r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads\s+ptxas info\s+: Used (\d+) registers",
+                         result.stderr, flags=re.S)
+    entries = [(name, *usage) for name, sm, *usage in entries if sm == arch]
+    expected = [name for name in _kernels.FAMILIES["convolution"] if "igemm128" in name]
+    assert len(entries) == len(expected) == 3, result.stderr
+    heavy = [entry for entry in entries
+             if entry[1:4] != ("0", "0", "0") or int(entry[4]) > 255]
+    assert not heavy, f"stack frame / spill stores / spill loads / registers: {heavy}"

@@ -24,10 +24,12 @@ import numpy
 from .. import _args, _backend, _kernels
 from . import _cuda_mma, _precision
 
-# Must match convolution.cu: a block computes a _TILE x _TILE tile of the
-# GEMM with _kernels.THREADS threads, reducing _SLICE at a time.
+# Must match convolution.cu: a block of _kernels.THREADS threads computes a
+# _TILE x _TILE tile of the GEMM, reducing _SLICE at a time (Tiling64), or a
+# _LARGE_TILE x _LARGE_TILE one (the *_igemm128 kernels, float32 only).
 _TILE = 64
 _SLICE = 16
+_LARGE_TILE = 128
 _MAX_BLOCKS = 2**31 - 1  # gridDim.x
 
 # Input gradients with at most this many input channels per group (a first
@@ -47,6 +49,16 @@ _BY_TAPS_WORKSPACE_BYTES = 1 << 28
 _TARGET_BLOCKS = 1024
 _MIN_SPLIT_SLICES = 8
 _MAX_SPLITS = 256
+
+# The 128 x 128 pipelined kernels take a float32 product whose output fills
+# at least _LARGE_TILE_BLOCKS such tiles (counting groups and reduction
+# splits): one per SM of a 132-SM GPU, where their ~200 registers a thread
+# let one block reside per SM.  The product must also have at least
+# _LARGE_TILE_MIN_SIDE rows and columns per group (narrower, a 128 x 128
+# tile would be mostly empty).  Unmeasured: chosen, not tuned (no GPU in
+# the session that wrote this).
+_LARGE_TILE_BLOCKS = 132
+_LARGE_TILE_MIN_SIDE = 96
 
 # Axes of (n, h, w, c) for activations and of (i, j, c_in, c_out) for weights.
 _ACTIVATION_AXES = {"NHWC": (0, 1, 2, 3), "NCHW": (0, 2, 3, 1)}
@@ -328,10 +340,31 @@ def _weight_grad_splits(taps, cout_g, groups, pixels):
     return _kernels.ceil_div(slices, split_slices), split_slices * _SLICE
 
 
+def plan(dtype, rows, cols, groups, splits):
+    """The block tile (``_TILE`` or ``_LARGE_TILE``) of an implicit GEMM
+    over a ``rows x cols`` product per group and reduction split: the large
+    tile for float32 products with enough such tiles to fill a GPU."""
+    if (_dtype_name(dtype) != "float32" or rows < _LARGE_TILE_MIN_SIDE
+            or cols < _LARGE_TILE_MIN_SIDE):
+        return _TILE
+    tiles = (_kernels.ceil_div(rows, _LARGE_TILE) * _kernels.ceil_div(cols, _LARGE_TILE)
+             * groups * splits)
+    return _LARGE_TILE if tiles >= _LARGE_TILE_BLOCKS else _TILE
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype_name(dtype):
+    return numpy.dtype(dtype).name
+
+
 def _launch_gemm(kernel, dtype, rows, cols, groups, splits, args):
-    """Launch one of the implicit-GEMM kernels over a ``rows x cols`` product
-    per group and split, as a 1-D grid of 64 x 64 tiles."""
-    blocks = _kernels.ceil_div(rows, _TILE) * _kernels.ceil_div(cols, _TILE) * groups * splits
+    """Launch implicit-GEMM ``kernel`` (or its ``*128`` variant, as
+    :func:`plan` decides) over a ``rows x cols`` product per group and
+    split, as a 1-D grid of block tiles."""
+    tile = plan(dtype, rows, cols, groups, splits)
+    if tile == _LARGE_TILE:
+        kernel += "128"
+    blocks = _kernels.ceil_div(rows, tile) * _kernels.ceil_div(cols, tile) * groups * splits
     if blocks > _MAX_BLOCKS:
         raise ValueError(
             f"conv2d: this problem needs {blocks} thread blocks, more than the "
