@@ -84,16 +84,18 @@ typedef TileShape<64, 16, 2, false> Tiling64;
 // cp.async (25 KiB of float; float only).
 typedef TileShape<128, 8, 3, true> Tiling128;
 
-// cp.async of one element to shared memory, zero-filled where src is
-// nullptr (origin: a readable address the instruction names instead).
-// Before sm_80 there is no cp.async: the element goes through a register at
-// once, so every later wait finds its copy done.
-template <typename T>
+// cp.async of Count consecutive elements (4, 8 or 16 bytes, aligned to
+// that) to shared memory, zero-filled where src is nullptr (origin: an
+// address the instruction names instead, not read).  Before sm_80 there is
+// no cp.async: the elements go through registers at once, so every later
+// wait finds its copy done.
+template <int Count, typename T>
 __device__ __forceinline__ void copy_to_shared(T* dst, const T* src, const T* origin) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-    *dst = src ? *src : T(0);
+    for (int e = 0; e < Count; ++e) dst[e] = src ? src[e] : T(0);
 #else
-    cupyconv::mma::cp_async<sizeof(T)>(dst, src ? src : origin, src ? (int)sizeof(T) : 0);
+    constexpr int kBytes = Count * (int)sizeof(T);
+    cupyconv::mma::cp_async<kBytes>(dst, src ? src : origin, src ? kBytes : 0);
 #endif
 }
 
@@ -361,11 +363,23 @@ struct WeightGradOutput {
 
 // ---- tiled multiplication ---------------------------------------------------
 
+// How a loader's threads share a slice (the kernels' *_order arguments).
+// Each thread owns one reduction index and per_thread (4) rows.
+enum LoadOrder {
+    // Consecutive threads take consecutive reduction indices, rows
+    // load_lanes apart (coalesced when k is contiguous: NHWC channels).
+    kReductionFastest = 0,
+    // Consecutive threads take consecutive rows, each thread's rows
+    // load_lanes apart (coalesced when rows are: NCHW pixels).
+    kRowsFastest = 1,
+    // Each thread takes 4 consecutive rows, consecutive threads the next 4:
+    // for an operand whose rows are contiguous, with 16-byte aligned runs of
+    // 4, which the pipelined kernels copy with one 16-byte cp.async each
+    // (the others, which never get it, read it as kReductionFastest).
+    kRowChunks = 2,
+};
+
 // Loads one operand's depth x tile slices (k x rows) into shared memory.
-// Each thread owns one reduction index and per_thread rows load_lanes
-// apart.  With rows_fastest, consecutive threads take consecutive rows
-// (coalesced when adjacent rows are adjacent in memory, e.g. NCHW pixels);
-// otherwise consecutive reduction indices (e.g. NHWC channels).
 template <class Operand, typename A, class Tiling>
 struct TileLoader {
     typedef typename Operand::Element T;
@@ -373,22 +387,38 @@ struct TileLoader {
     Operand op;
     typename Operand::Row rows[kRows];
     bool row_ok[kRows];
-    int tile_row0;  // this thread's rows: tile_row0 + load_lanes*r
+    int tile_row0;  // this thread's rows: tile_row0 + row_step()*r
     int tile_k;
+    bool chunks;    // kRowChunks
     index_t k;      // this thread's reduction index in the next slice
     typename Operand::Walk::Position position;  // k, split into its parts
 
     __device__ TileLoader(const Operand& operand, index_t first_row,
-                          index_t row_count, bool rows_fastest)
+                          index_t row_count, int order)
         : op(operand), k(0), position() {
+        static_assert(kRows == 4 && Tiling::tile / 4 * Tiling::depth == kThreads,
+                      "a run of 4 rows per thread must cover the slice");
         const int t = threadIdx.x;
+        chunks = Tiling::pipelined && order == kRowChunks;
+        const bool rows_fastest = order == kRowsFastest;
         tile_row0 = rows_fastest ? t % Tiling::load_lanes : t / Tiling::depth;
         tile_k = rows_fastest ? t / Tiling::load_lanes : t % Tiling::depth;
+        if constexpr (Tiling::pipelined) {
+            if (chunks) {
+                tile_row0 = t % (Tiling::tile / 4) * 4;
+                tile_k = t / (Tiling::tile / 4);
+            }
+        }
         for (int r = 0; r < kRows; ++r) {
-            const index_t row = first_row + tile_row0 + r * Tiling::load_lanes;
+            const index_t row = first_row + tile_row0 + r * row_step();
             row_ok[r] = row < row_count;
             rows[r] = op.row(row);
         }
+    }
+    // Tiling64 never takes chunks: a constant there, the loader keeps its
+    // registers.
+    __device__ int row_step() const {
+        return Tiling::pipelined && chunks ? 1 : Tiling::load_lanes;
     }
     __device__ void begin(index_t k_begin) {
         k = k_begin + tile_k;
@@ -407,20 +437,26 @@ struct TileLoader {
     }
     __device__ void store(A* slice, const A (&v)[kRows]) const {
         for (int r = 0; r < kRows; ++r) {
-            slice[tile_k * Tiling::pitch + tile_row0 + r * Tiling::load_lanes] = v[r];
+            slice[tile_k * Tiling::pitch + tile_row0 + r * row_step()] = v[r];
         }
     }
     // The same elements copied into `slice` by cp.async (zeros where fetch
     // gives zeros), landing at the wait that covers the current group.
+    // kRowChunks: the launch code vouches that each run of 4 rows is 16
+    // contiguous, aligned bytes, all in range or none, all padding or none.
     __device__ void copy_async(A* slice, index_t k_end) {
         static_assert(sizeof(T) == sizeof(A), "cp.async copies elements as they are");
         const bool k_ok = k < k_end;
         const typename Operand::Step step = op.step(position);
-        for (int r = 0; r < kRows; ++r) {
-            const T* p = (row_ok[r] && k_ok) ? op.source(rows[r], step) : nullptr;
-            copy_to_shared(reinterpret_cast<T*>(slice + tile_k * Tiling::pitch + tile_row0 +
-                                                r * Tiling::load_lanes),
-                           p, op.origin());
+        T* dst = reinterpret_cast<T*>(slice + tile_k * Tiling::pitch + tile_row0);
+        if (chunks) {
+            const T* p = (row_ok[0] && k_ok) ? op.source(rows[0], step) : nullptr;
+            copy_to_shared<kRows>(dst, p, op.origin());
+        } else {
+            for (int r = 0; r < kRows; ++r) {
+                const T* p = (row_ok[r] && k_ok) ? op.source(rows[r], step) : nullptr;
+                copy_to_shared<1>(dst + r * row_step(), p, op.origin());
+            }
         }
         k += Tiling::depth;
         op.walk.advance(position, Tiling::depth);
@@ -611,14 +647,14 @@ __device__ void store_pixel_tile(T* out, const TensorStrides& s,
         CONVOLUTION_GEOMETRY_PARAMS, index_t x_sn, index_t x_sh, index_t x_sw, \
         index_t x_sc, index_t w_si, index_t w_sj, index_t w_scin,              \
         index_t w_scout, index_t y_sn, index_t y_sh, index_t y_sw,             \
-        index_t y_sc, index_t bias_stride, int has_bias, int x_rows_fastest,   \
-        int w_rows_fastest, int lanes_along_rows
+        index_t y_sc, index_t bias_stride, int has_bias, int x_order,          \
+        int w_order, int lanes_along_rows
 #define CONVOLUTION_FORWARD_ARGS                                               \
     x, w, bias, y, batch, height, width, out_height, out_width, kernel_h,      \
         kernel_w, cin_g, cout_g, groups, stride_h, stride_w, pad_top,          \
         pad_left, dilation_h, dilation_w, x_sn, x_sh, x_sw, x_sc, w_si, w_sj,  \
         w_scin, w_scout, y_sn, y_sh, y_sw, y_sc, bias_stride, has_bias,        \
-        x_rows_fastest, w_rows_fastest, lanes_along_rows
+        x_order, w_order, lanes_along_rows
 
 template <class Tiling, typename T>
 __device__ __forceinline__ void forward_igemm(SharedSlices<Acc<T>, Tiling>& smem,
@@ -635,8 +671,8 @@ __device__ __forceinline__ void forward_igemm(SharedSlices<Acc<T>, Tiling>& smem
                                 TapWalk{g.kernel_w, g.cin_g}};
     const KernelTaps<T> taps{w + tile.group * g.cout_g * w_scout, w_si, w_sj,
                              w_scin, w_scout, TapWalk{g.kernel_w, g.cin_g}};
-    TileLoader<ForwardInput<T>, A, Tiling> a(input, tile.row0, pixels, x_rows_fastest != 0);
-    TileLoader<KernelTaps<T>, A, Tiling> b(taps, tile.col0, g.cout_g, w_rows_fastest != 0);
+    TileLoader<ForwardInput<T>, A, Tiling> a(input, tile.row0, pixels, x_order);
+    TileLoader<KernelTaps<T>, A, Tiling> b(taps, tile.col0, g.cout_g, w_order);
     A acc[Tiling::micro][Tiling::micro];
     multiply_tiles(a, b, 0, g.kernel_h * g.kernel_w * g.cin_g, lane, smem, acc);
     store_pixel_tile(y + tile.group * g.cout_g * y_sc, ys, g.out_height,
@@ -669,14 +705,14 @@ __global__ void __launch_bounds__(kThreads, 1)
         T *__restrict__ grad_x, CONVOLUTION_GEOMETRY_PARAMS, index_t go_sn,    \
         index_t go_sh, index_t go_sw, index_t go_sc, index_t w_si,             \
         index_t w_sj, index_t w_scin, index_t w_scout, index_t gx_sn,          \
-        index_t gx_sh, index_t gx_sw, index_t gx_sc, int go_rows_fastest,      \
-        int w_rows_fastest, int lanes_along_rows
+        index_t gx_sh, index_t gx_sw, index_t gx_sc, int go_order,             \
+        int w_order, int lanes_along_rows
 #define CONVOLUTION_INPUT_GRAD_ARGS                                            \
     grad_out, w, grad_x, batch, height, width, out_height, out_width,          \
         kernel_h, kernel_w, cin_g, cout_g, groups, stride_h, stride_w,         \
         pad_top, pad_left, dilation_h, dilation_w, go_sn, go_sh, go_sw, go_sc, \
         w_si, w_sj, w_scin, w_scout, gx_sn, gx_sh, gx_sw, gx_sc,               \
-        go_rows_fastest, w_rows_fastest, lanes_along_rows
+        go_order, w_order, lanes_along_rows
 
 template <class Tiling, typename T>
 __device__ __forceinline__ void input_grad_igemm(SharedSlices<Acc<T>, Tiling>& smem,
@@ -695,8 +731,8 @@ __device__ __forceinline__ void input_grad_igemm(SharedSlices<Acc<T>, Tiling>& s
     const KernelTaps<T> taps{w + tile.group * g.cout_g * w_scout, w_si, w_sj,
                              w_scout, w_scin, TapWalk{g.kernel_w, g.cout_g}};
     TileLoader<InputGradOutput<T>, A, Tiling> a(grads, tile.row0, pixels,
-                                                go_rows_fastest != 0);
-    TileLoader<KernelTaps<T>, A, Tiling> b(taps, tile.col0, g.cin_g, w_rows_fastest != 0);
+                                                go_order);
+    TileLoader<KernelTaps<T>, A, Tiling> b(taps, tile.col0, g.cin_g, w_order);
     A acc[Tiling::micro][Tiling::micro];
     multiply_tiles(a, b, 0, g.kernel_h * g.kernel_w * g.cout_g, lane, smem, acc);
     store_pixel_tile(grad_x + tile.group * g.cin_g * gx_sc, gxs, g.height,
@@ -769,13 +805,13 @@ __global__ void convolution_input_grad_gather(
         typename cupyconv::accumulator<T>::type *__restrict__ partial,         \
         CONVOLUTION_GEOMETRY_PARAMS, index_t x_sn, index_t x_sh, index_t x_sw, \
         index_t x_sc, index_t go_sn, index_t go_sh, index_t go_sw,             \
-        index_t go_sc, index_t split_len, int x_rows_fastest,                  \
-        int go_rows_fastest
+        index_t go_sc, index_t split_len, int x_order,                         \
+        int go_order
 #define CONVOLUTION_WEIGHT_GRAD_ARGS                                           \
     x, grad_out, partial, batch, height, width, out_height, out_width,         \
         kernel_h, kernel_w, cin_g, cout_g, groups, stride_h, stride_w,         \
         pad_top, pad_left, dilation_h, dilation_w, x_sn, x_sh, x_sw, x_sc,     \
-        go_sn, go_sh, go_sw, go_sc, split_len, x_rows_fastest, go_rows_fastest
+        go_sn, go_sh, go_sw, go_sc, split_len, x_order, go_order
 
 template <class Tiling, typename T>
 __device__ __forceinline__ void weight_grad_igemm(SharedSlices<Acc<T>, Tiling>& smem,
@@ -794,9 +830,9 @@ __device__ __forceinline__ void weight_grad_igemm(SharedSlices<Acc<T>, Tiling>& 
     const WeightGradInput<T> input{x + tile.group * g.cin_g * x_sc, xs, g, pixel_walk};
     const WeightGradOutput<T> grads{grad_out + tile.group * g.cout_g * go_sc, gos,
                                     pixel_walk};
-    TileLoader<WeightGradInput<T>, A, Tiling> a(input, tile.row0, taps, x_rows_fastest != 0);
+    TileLoader<WeightGradInput<T>, A, Tiling> a(input, tile.row0, taps, x_order);
     TileLoader<WeightGradOutput<T>, A, Tiling> b(grads, tile.col0, g.cout_g,
-                                                 go_rows_fastest != 0);
+                                                 go_order);
     const index_t k_begin = tile.split * split_len;
     const index_t k_end = min(pixels, k_begin + split_len);
     A acc[Tiling::micro][Tiling::micro];

@@ -288,7 +288,7 @@ def test_a_stride_longer_than_the_input(cpu_kernels, stride):
 
 def test_grid_too_large_is_a_value_error():
     with pytest.raises(ValueError, match="thread blocks"):
-        conv_cuda._launch_gemm("convolution_forward_igemm", np.dtype(np.float32),
+        conv_cuda._launch_gemm("convolution_forward_igemm", 64, np.dtype(np.float32),
                                2**40, 64, 1, 1, ())
 
 
@@ -307,22 +307,26 @@ LARGE_TILE_CASES = [
              dilation=(2, 1), groups=2, layout="NCHW", dtype=np.float32),
     # Stride 3 skips input rows; 1x1 kernel with stride: not a matrix product.
     ConvCase(3, 10, 9, 5, 7, (1, 1), stride=(3, 2), dtype=np.float32, bias=False),
+    # NHWC with channels per group a multiple of 4: the weights (forward),
+    # x and grad_out (weight gradient) are copied in 16-byte runs of 4 rows.
+    ConvCase(1, 9, 17, 8, 136, (3, 3), stride=(1, 2), padding=((1, 1), (1, 1)),
+             dilation=(2, 1), groups=2, dtype=np.float32),
 ]
 
 
 @pytest.fixture
 def large_tiles(monkeypatch):
-    """Every float32 implicit GEMM on the *_igemm128 kernels; yields the
-    names of the GEMM kernels launched."""
+    """Every float32 implicit GEMM on the *_igemm128 kernels; yields
+    {GEMM kernel launched: its arguments}."""
     monkeypatch.setattr(conv_cuda, "_LARGE_TILE_BLOCKS", 1)
     monkeypatch.setattr(conv_cuda, "_LARGE_TILE_MIN_SIDE", 1)
-    launched = []
+    launched = {}
     launch = _kernels.launch
 
-    def recording(family, kernel, *args, **kwargs):
+    def recording(family, kernel, template_args, grid, args, **kwargs):
         if "igemm" in kernel:
-            launched.append(kernel)
-        return launch(family, kernel, *args, **kwargs)
+            launched[kernel] = args
+        return launch(family, kernel, template_args, grid, args, **kwargs)
     monkeypatch.setattr(_kernels, "launch", recording)
     return launched
 
@@ -364,6 +368,12 @@ def test_large_tile_kernels_match_reference(cpu_kernels, large_tiles, case):
     if cin_g > conv_cuda._BY_TAPS_CHANNELS:
         expected.add("convolution_input_grad_igemm128")
     assert set(large_tiles) == expected
+    # The loaders' LoadOrder arguments: runs of 4 rows (2) exactly where the
+    # operand's rows are contiguous channels, a multiple of 4 per group.
+    chunks = case.layout == "NHWC" and cout_g % 4 == 0 and cin_g % 4 == 0
+    assert (large_tiles["convolution_forward_igemm128"][-2] == 2) == chunks
+    orders = list(large_tiles["convolution_weight_grad_igemm128"][-2:])
+    assert orders == [2, 2] if chunks else 2 not in orders
 
 
 def test_large_tile_kernels_read_views(cpu_kernels, large_tiles):

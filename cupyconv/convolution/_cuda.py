@@ -90,17 +90,18 @@ def forward(x, w, bias, geom, precision="highest"):
         bias_stride = bias.strides[0] // bias.itemsize
     else:
         bias, bias_stride = y, 0  # never read; any array of the dtype will do
+    pixels, cout_g = geom.batch * math.prod(geom.out_hw), _per_group(geom.out_channels, geom)
+    tile = plan(x.dtype, pixels, cout_g, geom.groups, 1)
     flags = (
         int(has_bias),
         # A: rows are output pixels, k is (i, j, c_in) with c_in fastest.
-        _rows_fastest(xs[2] * stride[1], xs[3]),
+        _load_order(xs[2] * stride[1], xs[3]),
         # B: rows are output channels, k runs along c_in.
-        _rows_fastest(ws[3], ws[2]),
+        _load_order(ws[3], ws[2], tile == _LARGE_TILE and _chunks_fit(w, ws, cout_g)),
         _rows_fastest(ys[2], ys[3]),  # lanes along the output's pixels?
     )
     _launch_gemm(
-        "convolution_forward_igemm", x.dtype, geom.batch * math.prod(geom.out_hw),
-        _per_group(geom.out_channels, geom), geom.groups, 1,
+        "convolution_forward_igemm", tile, x.dtype, pixels, cout_g, geom.groups, 1,
         (x, w, bias, y) + _geometry_args(geom) + xs + ws + ys + (numpy.int64(bias_stride),)
         + tuple(numpy.int32(f) for f in flags),
     )
@@ -131,16 +132,17 @@ def input_grad(w, grad_out, geom, precision="highest"):
     gos = _strides(grad_out, _ACTIVATION_AXES[layout])
     ws = _strides(w, _WEIGHT_AXES[layout])
     gxs = _strides(grad_x, _ACTIVATION_AXES[layout])
+    pixels, cin_g = geom.batch * math.prod(geom.in_hw), _per_group(geom.in_channels, geom)
     flags = (
         # A: rows are input pixels, k is (i, j, c_out) with c_out fastest.
-        _rows_fastest(gos[2], gos[3]),
+        _load_order(gos[2], gos[3]),
         # B: rows are input channels, k runs along c_out.
-        _rows_fastest(ws[2], ws[3]),
+        _load_order(ws[2], ws[3]),
         _rows_fastest(gxs[2], gxs[3]),
     )
     _launch_gemm(
-        "convolution_input_grad_igemm", w.dtype, geom.batch * math.prod(geom.in_hw),
-        _per_group(geom.in_channels, geom), geom.groups, 1,
+        "convolution_input_grad_igemm", plan(w.dtype, pixels, cin_g, geom.groups, 1),
+        w.dtype, pixels, cin_g, geom.groups, 1,
         (grad_out, w, grad_x) + _geometry_args(geom) + gos + ws + gxs
         + tuple(numpy.int32(f) for f in flags),
     )
@@ -213,14 +215,16 @@ def weight_grad(x, grad_out, geom, precision="highest"):
     partial = xp.empty((splits, groups, taps, cout_g), _kernels.accumulator_dtype(x.dtype))
     xs = _strides(x, _ACTIVATION_AXES[layout])
     gos = _strides(grad_out, _ACTIVATION_AXES[layout])
+    tile = plan(x.dtype, taps, cout_g, groups, splits)
+    chunks = tile == _LARGE_TILE
     flags = (
         # A: rows are (i, j, c_in) with c_in fastest, k is output pixels.
-        _rows_fastest(xs[3], xs[2] * geom.stride[1]),
+        _load_order(xs[3], xs[2] * geom.stride[1], chunks and _chunks_fit(x, xs, cin_g)),
         # B: rows are output channels, k is output pixels.
-        _rows_fastest(gos[3], gos[2]),
+        _load_order(gos[3], gos[2], chunks and _chunks_fit(grad_out, gos, cout_g)),
     )
     _launch_gemm(
-        "convolution_weight_grad_igemm", x.dtype, taps, cout_g, groups, splits,
+        "convolution_weight_grad_igemm", tile, x.dtype, taps, cout_g, groups, splits,
         (x, grad_out, partial) + _geometry_args(geom) + xs + gos + (numpy.int64(split_len),)
         + tuple(numpy.int32(f) for f in flags),
     )
@@ -314,6 +318,23 @@ def _rows_fastest(row_step, k_step):
     return int(abs(int(row_step)) < abs(int(k_step)))
 
 
+def _load_order(row_step, k_step, chunks=False):
+    """A GEMM operand loader's LoadOrder (convolution.cu): 16-byte runs of 4
+    rows where ``chunks`` (see :func:`_chunks_fit`), else rows or reduction
+    index fastest (:func:`_rows_fastest`)."""
+    return 2 if chunks else _rows_fastest(row_step, k_step)
+
+
+def _chunks_fit(a, strides, channels):
+    """Whether a float32 operand whose GEMM rows run along the channel axis
+    (the last of ``strides``, semantic order) may be copied in 16-byte runs
+    of 4 rows: channels contiguous, ``channels`` per group a multiple of 4,
+    every other stride a multiple of 4 and ``a`` 16-byte aligned."""
+    return (a.itemsize == 4 and int(strides[3]) == 1 and channels % 4 == 0
+            and all(int(s) % 4 == 0 for s in strides[:3])
+            and _kernels.data_pointer(a) % 16 == 0)
+
+
 def _per_group(channels, geom):
     return channels // geom.groups
 
@@ -357,11 +378,10 @@ def _dtype_name(dtype):
     return numpy.dtype(dtype).name
 
 
-def _launch_gemm(kernel, dtype, rows, cols, groups, splits, args):
-    """Launch implicit-GEMM ``kernel`` (or its ``*128`` variant, as
-    :func:`plan` decides) over a ``rows x cols`` product per group and
-    split, as a 1-D grid of block tiles."""
-    tile = plan(dtype, rows, cols, groups, splits)
+def _launch_gemm(kernel, tile, dtype, rows, cols, groups, splits, args):
+    """Launch implicit-GEMM ``kernel`` (or, for ``tile == _LARGE_TILE``, its
+    ``*128`` variant) over a ``rows x cols`` product per group and split, as
+    a 1-D grid of ``tile x tile`` block tiles."""
     if tile == _LARGE_TILE:
         kernel += "128"
     blocks = _kernels.ceil_div(rows, tile) * _kernels.ceil_div(cols, tile) * groups * splits
