@@ -116,3 +116,18 @@ def test_large_tile_kernels_keep_everything_in_registers(build, arch):
     heavy = [entry for entry in entries
              if entry[1:4] != ("0", "0", "0") or int(entry[4]) > 255]
     assert not heavy, f"stack frame / spill stores / spill loads / registers: {heavy}"
+
+
+def test_large_tile_kernels_compile_without_cp_async_before_sm80(tmp_path):
+    """GPUs before sm_80 have no cp.async: there the pipelined kernels copy
+    through registers, so the convolution family still compiles for them
+    (sm_75, the oldest nvcc 13 targets) and its PTX holds no cp.async."""
+    unit = _instances("convolution", tmp_path)
+    ptx = tmp_path / "convolution.ptx"
+    command = [NVCC, "-std=c++17", "-ptx", "-arch=sm_75",
+               f"-I{_kernels.cuda_source_dir()}", str(unit), "-o", str(ptx)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = ptx.read_text()
+    assert "convolution_forward_igemm128" in text
+    assert "cp.async" not in text
