@@ -126,6 +126,7 @@ class PoolGeometry(NamedTuple):
         return self.n * self.c, self.w, 1
 
 
+@_args.per_geometry(maxsize=256)
 def pool_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode, layout):
     """Check a 2-D max-pool's arguments for an input of ``x_shape`` and
     return its :class:`PoolGeometry`."""
