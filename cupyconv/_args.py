@@ -37,7 +37,10 @@ def _is_key(value):
     (1, 1)``, but only one of them is a valid stride) or of such tuples."""
     kind = type(value)
     if kind is tuple:
-        return all(type(v) is int or (type(v) is tuple and _is_key(v)) for v in value)
+        for v in value:
+            if type(v) is not int and not (type(v) is tuple and _is_key(v)):
+                return False
+        return True
     return kind in _KEY_TYPES
 
 

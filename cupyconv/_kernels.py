@@ -282,11 +282,19 @@ def kernel_operand(a, contiguous=False):
 FAST_INDEX_LIMIT = 2**31
 
 
+@functools.lru_cache(maxsize=4096)
 def int64s(*values):
-    """``values`` as ``numpy.int64`` kernel arguments (``index_t``).  Launch
-    code caches these per geometry: converting a dozen Python ints at every
-    call is a fair share of a small call's time."""
+    """``values`` (integers) as ``numpy.int64`` kernel arguments
+    (``index_t``), made once per values: converting a dozen Python ints at
+    every call is a fair share of a small call's time."""
     return tuple(numpy.int64(v) for v in values)
+
+
+@functools.lru_cache(maxsize=1024)
+def int32s(*values):
+    """``values`` (integers or bools) as ``numpy.int32`` kernel arguments
+    (``int``: flags, small counts), made once per values."""
+    return tuple(numpy.int32(v) for v in values)
 
 
 def fast_index(*sizes, limit=None):

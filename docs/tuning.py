@@ -208,7 +208,7 @@ def _host_calls():
 
 
 def host_overhead(rounds):
-    """Host time of small calls, kernels replaced by no-ops (µs per call)."""
+    """Host time of small calls, kernels replaced by no-ops (us per call)."""
     from cupyconv import _kernels
 
     calls = _host_calls()
@@ -224,7 +224,7 @@ def host_overhead(rounds):
                     call()
                 times[label].append((time.perf_counter() - start) / per_batch)
     for label, t in times.items():
-        print(f"{label}: {1e6 * statistics.median(t):.1f} µs", flush=True)
+        print(f"{label}: {1e6 * statistics.median(t):.1f} us", flush=True)
 
 
 def conv_weight_grad_splits(rounds):
