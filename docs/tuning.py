@@ -212,17 +212,20 @@ def host_overhead(rounds):
     from cupyconv import _kernels
 
     calls = _host_calls()
-    per_batch = 200
+    # Batches short next to a time slice of a loaded machine (about 0.2 ms),
+    # so that most of them run without being preempted.
+    batches, per_batch = 10, 20
     times = {label: [] for label in calls}
     with _kernels.use_provider(NoOpProvider()):
         for call in calls.values():
             call()
         for _ in range(rounds):  # interleaved: a change of load hits every call alike
             for label, call in calls.items():
-                start = time.perf_counter()
-                for _ in range(per_batch):
-                    call()
-                times[label].append((time.perf_counter() - start) / per_batch)
+                for _ in range(batches):
+                    start = time.perf_counter()
+                    for _ in range(per_batch):
+                        call()
+                    times[label].append((time.perf_counter() - start) / per_batch)
     for label, t in times.items():
         print(f"{label}: {1e6 * statistics.median(t):.1f} us", flush=True)
 
