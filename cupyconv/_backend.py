@@ -90,6 +90,8 @@ def _type_name(a):
 
 def array_module_of(a):
     """``cupy`` for a ``cupy.ndarray``, else ``numpy`` (no checks, one input)."""
+    if type(a) is numpy.ndarray:
+        return numpy
     return sys.modules["cupy"] if _is_cupy_array(a) else numpy
 
 
