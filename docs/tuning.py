@@ -9,7 +9,9 @@ hits every candidate alike, and prints the median per candidate::
     PYTHONPATH=. python docs/tuning.py conv-block-elements [--rounds N]
 
 The constants are module attributes, so an experiment sets them as the
-tests do, and puts them back after.
+tests do, and puts them back after.  ``host-overhead`` has no candidates:
+it times small calls whose kernels do nothing (:class:`NoOpProvider`),
+the host time a GPU call spends in Python.
 """
 
 import argparse
