@@ -5,6 +5,7 @@ module.
 """
 
 import collections.abc
+import functools
 import math
 import operator
 
@@ -23,6 +24,51 @@ LIMIT = 2**62
 #: Arrays of this many elements or more can never be made (NumPy caps an
 #: array at 2**63 - 1 bytes, and float64 is the widest dtype here).
 MAX_ELEMENTS = 2**60
+
+
+#: Types of the arguments a geometry is cached by (see :func:`per_geometry`);
+#: tuples of exact ints (or of such tuples) are keys too.
+_KEY_TYPES = frozenset({int, bool, str, type(None)})
+
+
+def _is_key(value):
+    """Whether ``value`` can stand for itself in a cache key: an int, a
+    bool, a str, None, or a tuple of ints (bools excluded: ``(1, True) ==
+    (1, 1)``, but only one of them is a valid stride) or of such tuples."""
+    kind = type(value)
+    if kind is tuple:
+        for v in value:
+            if type(v) is not int and not (type(v) is tuple and _is_key(v)):
+                return False
+        return True
+    return kind in _KEY_TYPES
+
+
+def per_geometry(maxsize):
+    """Decorator: cache a geometry builder's result per arguments, for calls
+    whose arguments are all plain (:func:`_is_key`); other calls (lists,
+    NumPy integers, arrays) build anew.  The cache is typed, so ``True`` and
+    ``1`` are different keys, and holds ``maxsize`` entries at most.  A
+    builder that raises caches nothing: a bad argument raises every time.
+    A small call checks the same arguments at every step of a training loop,
+    and checking them is most of its host time."""
+    def decorate(build):
+        cached = functools.lru_cache(maxsize=maxsize, typed=True)(build)
+
+        @functools.wraps(build)
+        def builder(*args, **kwargs):
+            for value in args:
+                if type(value) not in _KEY_TYPES and not _is_key(value):
+                    return build(*args, **kwargs)
+            for value in kwargs.values():
+                if type(value) not in _KEY_TYPES and not _is_key(value):
+                    return build(*args, **kwargs)
+            return cached(*args, **kwargs)
+
+        builder.cache_info, builder.cache_clear = cached.cache_info, cached.cache_clear
+        return builder
+
+    return decorate
 
 
 def as_int(value, name):
@@ -135,6 +181,8 @@ def check_ndim(a, ndim, name):
 def native(a, xp):
     """``a`` as an ``xp`` array in the machine's byte order (a big-endian
     NumPy array is converted, as NumPy's own arithmetic does)."""
+    if type(a) is xp.ndarray and a.dtype.isnative:
+        return a
     a = xp.asarray(a)
     if not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
@@ -175,7 +223,25 @@ def activation_shape(n, c, hw, layout):
 def is_bfloat16(dtype):
     """Whether ``dtype`` is ``ml_dtypes.bfloat16`` (known by name, so that
     ml_dtypes is imported only by whoever made such an array)."""
-    return dtype.name == "bfloat16" and dtype.itemsize == 2
+    return dtype.itemsize == 2 and _named_bfloat16(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _named_bfloat16(dtype):
+    # numpy.dtype.name is a slow property: looked up once per dtype.
+    return dtype.name == "bfloat16"
+
+
+def _all_native_arrays(xp, operands):
+    """Whether every operand is ``None`` or an ``xp.ndarray`` (not a
+    subclass) in the machine's byte order: what :func:`float_operands`
+    leaves as it is."""
+    array_type = xp.ndarray
+    for value in operands:
+        if value is not None and (type(value) is not array_type
+                                  or not value.dtype.isnative):
+            return False
+    return True
 
 
 def float_operands(xp, **operands):
@@ -188,6 +254,8 @@ def float_operands(xp, **operands):
     float32 bias.  Operands with a dtype keep it, so a float64 array next to
     a float32 one is still an error of :func:`common_float_dtype`.
     """
+    if _all_native_arrays(xp, operands.values()):
+        return tuple(operands.values())
     arrays = {name: None if value is None else native(value, xp)
               for name, value in operands.items()}
     strong = [arrays[name].dtype for name, value in operands.items()
@@ -205,6 +273,16 @@ def float_operands(xp, **operands):
 def common_float_dtype(bfloat16=False, **arrays):
     """The one floating dtype (float16/32/64, and bfloat16 if ``bfloat16``)
     shared by every non-None array."""
+    first = None
+    for a in arrays.values():  # the common case first: one float dtype
+        if a is not None:
+            if first is None:
+                first = a.dtype
+            elif a.dtype != first:
+                break
+    else:
+        if first in FLOAT_DTYPES:
+            return first
     dtypes = {name: a.dtype for name, a in arrays.items() if a is not None}
     for name, dtype in dtypes.items():
         if dtype not in FLOAT_DTYPES and not (bfloat16 and is_bfloat16(dtype)):
@@ -245,6 +323,7 @@ def check_window_fits(out, axis, size, padding, kernel, dilation, kernel_name,
     )
 
 
+@per_geometry(maxsize=256)
 def shape_arg(value, ndim, name):
     """``value`` (a sequence of ``ndim`` non-negative ints, see
     :func:`as_sequence`: a tuple, a list, a 1-D integer array) as a tuple."""

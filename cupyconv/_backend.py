@@ -11,6 +11,8 @@ import sys
 
 import numpy
 
+from . import _kernels
+
 __all__ = [
     "get_array_module",
     "asnumpy",
@@ -61,6 +63,11 @@ def dispatch(**named):
         TypeError: conv2d: arguments mix CuPy and NumPy arrays: x is a
         cupy.ndarray, w is a numpy.ndarray
     """
+    for a in named.values():  # the common case first: NumPy arrays alone
+        if a is not None and type(a) is not numpy.ndarray:
+            break
+    else:
+        return numpy
     on_gpu = {name: _is_cupy_array(a) for name, a in named.items() if a is not None}
     if not any(on_gpu.values()):
         return numpy
@@ -83,6 +90,8 @@ def _type_name(a):
 
 def array_module_of(a):
     """``cupy`` for a ``cupy.ndarray``, else ``numpy`` (no checks, one input)."""
+    if type(a) is numpy.ndarray:
+        return numpy
     return sys.modules["cupy"] if _is_cupy_array(a) else numpy
 
 
@@ -92,8 +101,6 @@ def use_kernels(xp):
     True on CuPy; also on NumPy while the test suite's CPU executor is the
     kernel provider, so that the GPU launch code runs on NumPy buffers.
     """
-    from . import _kernels
-
     return xp is not numpy or _kernels.provider_runs_on_numpy()
 
 

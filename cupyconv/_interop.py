@@ -47,7 +47,7 @@ def interoperable(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        if not (_any_foreign(args) or _any_foreign(kwargs.values())):
+        if not (_any_foreign(args) or (kwargs and _any_foreign(kwargs.values()))):
             return func(*args, **kwargs)
         try:
             bound = signature.bind(*args, **kwargs)

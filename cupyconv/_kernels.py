@@ -217,8 +217,8 @@ def get_function(family, name):
     ``kernel(grid, block, args, shared_mem=0)``, with ``args`` a tuple of
     arrays and NumPy scalars of the exact C types the kernel declares.
     """
-    source, expressions, options = _family_inputs(family)
-    if name not in expressions:
+    source, expressions, declared, options = _family_inputs(family)
+    if name not in declared:
         raise KeyError(f"{name!r} is not declared for cuda/{family}.cu")
     return _provider.get_function(source, expressions, name, options)
 
@@ -232,16 +232,24 @@ def launch(family, kernel, template_args, grid, args, *, threads=THREADS,
     ``<op>_<direction>_<variant>``) and ``args`` are as for
     :func:`get_function`.  Every kernel of the package is launched through
     here."""
-    op = kernel.partition("_")[0]
-    get_function(family, f"cupyconv::{op}::{kernel}<{template_args}>")(
+    get_function(family, _name_expression(kernel, template_args))(
         grid, (threads,), args, shared_mem=shared_mem)
+
+
+@functools.lru_cache(maxsize=1024)
+def _name_expression(kernel, template_args):
+    """``cupyconv::<op>::<kernel><template_args>``, made once per kernel and
+    types (the launch code names a few dozen)."""
+    op = kernel.partition("_")[0]
+    return f"cupyconv::{op}::{kernel}<{template_args}>"
 
 
 @functools.lru_cache(maxsize=None)
 def _family_inputs(family):
-    """``(source path, name expressions, compile options)`` of a family."""
+    """``(source path, name expressions, the same as a set, compile
+    options)`` of a family."""
     source_dir = cuda_source_dir()
-    return (source_dir / f"{family}.cu", FAMILIES[family],
+    return (source_dir / f"{family}.cu", FAMILIES[family], frozenset(FAMILIES[family]),
             COMPILE_OPTIONS + (f"-I{source_dir}",))
 
 
@@ -262,7 +270,12 @@ def kernel_operand(a, contiguous=False):
     when ``contiguous`` is asked for and ``a`` is not, or when its address or
     a stride is not a multiple of its item size (kernels index whole, aligned
     elements; a view reinterpreted at an odd byte offset is neither)."""
-    misaligned = any(v % a.itemsize for v in (data_pointer(a), *a.strides))
+    if type(a) is numpy.ndarray and a.dtype.alignment == a.itemsize:
+        # NumPy's flag, cheaper than the address: the same test, but for the
+        # strides of length-1 axes (which no index multiplies).
+        misaligned = not a.flags.aligned
+    else:
+        misaligned = any(v % a.itemsize for v in (data_pointer(a), *a.strides))
     if misaligned or (contiguous and not a.flags.c_contiguous):
         return a.copy()
     return a
@@ -274,11 +287,19 @@ def kernel_operand(a, contiguous=False):
 FAST_INDEX_LIMIT = 2**31
 
 
+@functools.lru_cache(maxsize=4096)
 def int64s(*values):
-    """``values`` as ``numpy.int64`` kernel arguments (``index_t``).  Launch
-    code caches these per geometry: converting a dozen Python ints at every
-    call is a fair share of a small call's time."""
+    """``values`` (integers) as ``numpy.int64`` kernel arguments
+    (``index_t``), made once per values: converting a dozen Python ints at
+    every call is a fair share of a small call's time."""
     return tuple(numpy.int64(v) for v in values)
+
+
+@functools.lru_cache(maxsize=1024)
+def int32s(*values):
+    """``values`` (integers or bools) as ``numpy.int32`` kernel arguments
+    (``int``: flags, small counts), made once per values."""
+    return tuple(numpy.int32(v) for v in values)
 
 
 def fast_index(*sizes, limit=None):

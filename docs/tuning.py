@@ -9,7 +9,9 @@ hits every candidate alike, and prints the median per candidate::
     PYTHONPATH=. python docs/tuning.py conv-block-elements [--rounds N]
 
 The constants are module attributes, so an experiment sets them as the
-tests do, and puts them back after.
+tests do, and puts them back after.  ``host-overhead`` has no candidates:
+it times small calls whose kernels do nothing (:class:`NoOpProvider`),
+the host time a GPU call spends in Python.
 """
 
 import argparse
@@ -166,6 +168,70 @@ def dilation_runs(rounds):
              rounds)
 
 
+class _NoOpKernel:
+    """A kernel that does nothing, called like ``cupy.RawKernel``."""
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        pass
+
+
+class NoOpProvider:
+    """A kernel provider whose kernels do nothing, on NumPy buffers: a
+    public call then runs its checks and launch code and nothing else, so
+    its time is the host time it would add to a GPU launch."""
+
+    runs_on_numpy = True
+    kernel = _NoOpKernel()
+
+    def get_function(self, source, name_expressions, name, options):
+        return self.kernel
+
+
+def _host_calls():
+    """The small calls of ``host-overhead``: label -> no-argument call."""
+    # 8 input channels: the input gradient of 4 or fewer goes through a
+    # matrix product (real work on NumPy), not through a kernel alone.
+    x = _random((2, 8, 8, 8))
+    w = _random((3, 3, 8, 8), seed=1)
+    bias = _random((8,), seed=2)
+    grad = _random((2, 8, 8, 8), seed=3)
+    pool_grad = _random((2, 8, 8, 8), seed=4)
+    pool_grad_2x1 = _random((2, 4, 8, 8), seed=5)
+    return {
+        "conv2d 2x8x8x8 float32 NHWC, 3x3, padding 1, bias": lambda: cc.conv2d(x, w, bias, padding=1),
+        "conv2d_input": lambda: cc.conv2d_input(x.shape, w, grad, padding=1),
+        "conv2d_weight": lambda: cc.conv2d_weight(x, w.shape, grad, padding=1),
+        "max_pool2d 3x3/1/1": lambda: cc.max_pool2d(x, 3, 1, 1),
+        "max_pool2d 2x1": lambda: cc.max_pool2d(x, (2, 1)),
+        "max_pool2d_backward 3x3/1/1": lambda: cc.max_pool2d_backward(pool_grad, x, 3, 1, 1),
+        "max_pool2d_backward 2x1": lambda: cc.max_pool2d_backward(pool_grad_2x1, x, (2, 1)),
+        "dilate H and W by 1": lambda: cc.dilate(x, (1, 2), 1),
+    }
+
+
+def host_overhead(rounds):
+    """Host time of small calls, kernels replaced by no-ops (us per call)."""
+    from cupyconv import _kernels
+
+    calls = _host_calls()
+    # Batches short next to a time slice of a loaded machine (about 0.2 ms),
+    # so that most of them run without being preempted.
+    batches, per_batch = 10, 20
+    times = {label: [] for label in calls}
+    with _kernels.use_provider(NoOpProvider()):
+        for call in calls.values():
+            call()
+        for _ in range(rounds):  # interleaved: a change of load hits every call alike
+            for label, call in calls.items():
+                for _ in range(batches):
+                    start = time.perf_counter()
+                    for _ in range(per_batch):
+                        call()
+                    times[label].append((time.perf_counter() - start) / per_batch)
+    for label, t in times.items():
+        print(f"{label}: {1e6 * statistics.median(t):.1f} us", flush=True)
+
+
 def conv_weight_grad_splits(rounds):
     """GPU: the weight gradient's split-K limit (needs CuPy and a GPU)."""
     import cupy
@@ -185,6 +251,7 @@ EXPERIMENTS = {
     "pool-fused-pixels": pool_fused_pixels,
     "dilation-runs": dilation_runs,
     "conv-weight-grad-splits": conv_weight_grad_splits,
+    "host-overhead": host_overhead,
 }
 
 

@@ -143,3 +143,7 @@ def test_tuning_script_runs():
                           "--rounds", "1"], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert re.search(r"runs of 16: [\d.]+ ms, elements: [\d.]+ ms", out), out
+    out = subprocess.run([sys.executable, str(DOCS / "tuning.py"), "host-overhead",
+                          "--rounds", "1"], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert len(re.findall(r"^(conv2d|max_pool2d|dilate).*: [\d.]+ us$", out, re.M)) == 8, out

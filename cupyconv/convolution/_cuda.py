@@ -103,7 +103,7 @@ def forward(x, w, bias, geom, precision="highest"):
     _launch_gemm(
         "convolution_forward_igemm", tile, x.dtype, pixels, cout_g, geom.groups, 1,
         (x, w, bias, y) + _geometry_args(geom) + xs + ws + ys + (numpy.int64(bias_stride),)
-        + tuple(numpy.int32(f) for f in flags),
+        + _kernels.int32s(*flags),
     )
     return y
 
@@ -144,7 +144,7 @@ def input_grad(w, grad_out, geom, precision="highest"):
         "convolution_input_grad_igemm", plan(w.dtype, pixels, cin_g, geom.groups, 1),
         w.dtype, pixels, cin_g, geom.groups, 1,
         (grad_out, w, grad_x) + _geometry_args(geom) + gos + ws + gxs
-        + tuple(numpy.int32(f) for f in flags),
+        + _kernels.int32s(*flags),
     )
     return grad_x
 
@@ -226,7 +226,7 @@ def weight_grad(x, grad_out, geom, precision="highest"):
     _launch_gemm(
         "convolution_weight_grad_igemm", tile, x.dtype, taps, cout_g, groups, splits,
         (x, grad_out, partial) + _geometry_args(geom) + xs + gos + (numpy.int64(split_len),)
-        + tuple(numpy.int32(f) for f in flags),
+        + _kernels.int32s(*flags),
     )
     ws = _strides(grad_w, _WEIGHT_AXES[layout])
     _kernels.launch(

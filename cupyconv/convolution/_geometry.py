@@ -7,7 +7,7 @@ import typing
 
 from .. import _kernels
 from .._args import (activation_shape, as_int, as_sequence, check_layout,
-                     check_window_fits, pair, spatial_shape)
+                     check_window_fits, pair, per_geometry, spatial_shape)
 
 
 def conv_output_size(size, kernel, stride, pad_before, pad_after, dilation):
@@ -88,6 +88,7 @@ class ConvGeometry(typing.NamedTuple):
         return (self.out_channels, cin_g, kh, kw)
 
 
+@per_geometry(maxsize=256)
 def conv2d_geometry(x_shape, w_shape, stride, padding, dilation, groups, layout,
                     x_name="x", w_name="w"):
     """Check a 2-D convolution's arguments and return its :class:`ConvGeometry`.

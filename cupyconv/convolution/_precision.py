@@ -30,6 +30,8 @@ __all__ = ["PRECISIONS", "default_precision", "get_default_precision",
 #: The accepted values of ``precision=``.
 PRECISIONS = ("highest", "tf32", "3xtf32")
 
+_FLOAT32 = numpy.dtype(numpy.float32)
+
 _process_default = "highest"
 #: Set by :func:`default_precision` for the current thread or task only.
 _scoped_default = contextvars.ContextVar("cupyconv_precision", default=None)
@@ -135,7 +137,7 @@ def resolve(precision, dtype):
     """The precision a call with ``precision=`` computes ``dtype`` in:
     ``"highest"`` for every dtype but float32 (after checking the value)."""
     precision = get_default_precision() if precision is None else _checked(precision, "precision")
-    return precision if dtype == numpy.float32 else "highest"
+    return precision if dtype == _FLOAT32 else "highest"
 
 
 def round_to_tf32(a, xp=numpy):

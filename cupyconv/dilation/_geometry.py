@@ -48,6 +48,7 @@ def _axes_and_factors(ndim, axes, dilation):
     return axes, dilation
 
 
+@_args.per_geometry(maxsize=256)
 def dilate_geometry(in_shape, axes, dilation, shape):
     """Check dilate's arguments for an input of ``in_shape``; the result's
     shape is ``n*(d+1)`` per dilated axis, or ``shape``."""
@@ -56,6 +57,7 @@ def dilate_geometry(in_shape, axes, dilation, shape):
     return DilationGeometry(axes, dilation, tuple(in_shape), tuple(dilated))
 
 
+@_args.per_geometry(maxsize=256)
 def undilate_geometry(in_shape, axes, dilation):
     """Check undilate's arguments for an input of ``in_shape``; the result
     keeps ``ceil(m / (d + 1))`` of an axis' ``m`` elements."""

@@ -86,7 +86,11 @@ def _first_tap_misses(start, n, k, d):
 
 
 class PoolGeometry(NamedTuple):
-    """Geometry of one pooling call: sizes, layout and the (h, w) window."""
+    """Geometry of one pooling call: sizes, layout and the (h, w) window;
+    the input's and output's shapes in the layout, and whether the window
+    is the 2x1 one (two rows into one: window (2, 1), stride (2, 1), no
+    padding), worked out once by :func:`pool_geometry`, which caches the
+    record per geometry."""
 
     layout: str
     n: int
@@ -99,24 +103,13 @@ class PoolGeometry(NamedTuple):
     stride: tuple
     padding: tuple
     dilation: tuple
+    in_shape: tuple
+    out_shape: tuple
+    is_2x1: bool
 
     def shape(self, h, w):
         """Shape of an array of ``h x w`` images in this layout."""
         return _args.activation_shape(self.n, self.c, (h, w), self.layout)
-
-    @property
-    def in_shape(self):
-        return self.shape(self.h, self.w)
-
-    @property
-    def out_shape(self):
-        return self.shape(self.oh, self.ow)
-
-    @property
-    def is_2x1(self):
-        """Two rows into one: window (2, 1), stride (2, 1), no padding."""
-        return (self.kernel == (2, 1) and self.stride == (2, 1)
-                and self.padding == (0, 0) and self.dilation[0] == 1)
 
     def rows(self):
         """``(planes, row, inner)`` of the 2x1 kernels' (planes, H, row) view:
@@ -126,6 +119,7 @@ class PoolGeometry(NamedTuple):
         return self.n * self.c, self.w, 1
 
 
+@_args.per_geometry(maxsize=256)
 def pool_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode, layout):
     """Check a 2-D max-pool's arguments for an input of ``x_shape`` and
     return its :class:`PoolGeometry`."""
@@ -135,4 +129,7 @@ def pool_geometry(x_shape, kernel_size, stride, padding, dilation, ceil_mode, la
     n, c, h, w = _args.spatial_shape(x_shape, layout)
     oh, ow = pool_output_shape(
         (h, w), kernel, stride, padding, dilation, ceil_mode)
-    return PoolGeometry(layout, n, c, h, w, oh, ow, kernel, stride, padding, dilation)
+    is_2x1 = kernel == (2, 1) and stride == (2, 1) and padding == (0, 0) and dilation[0] == 1
+    return PoolGeometry(layout, n, c, h, w, oh, ow, kernel, stride, padding, dilation,
+                        _args.activation_shape(n, c, (h, w), layout),
+                        _args.activation_shape(n, c, (oh, ow), layout), is_2x1)
