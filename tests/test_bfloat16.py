@@ -2,7 +2,7 @@
 and through the kernels on the CPU executor: computed in float32 and
 rounded once, so each result equals the float32 result of the same values
 rounded to bfloat16 (the tensor-core convolutions: within a bound, checked
-in test_conv2d_mma.py)."""
+in test_convolution_mma.py)."""
 
 import subprocess
 import sys
