@@ -288,8 +288,8 @@ def test_a_stride_longer_than_the_input(cpu_kernels, stride):
 
 def test_grid_too_large_is_a_value_error():
     with pytest.raises(ValueError, match="thread blocks"):
-        conv_cuda._launch_gemm("convolution_forward_igemm", 64, np.dtype(np.float32),
-                               2**40, 64, 1, 1, ())
+        conv_cuda.GemmPlan.of("convolution_forward_igemm", ConvCase(1, 4, 4, 1, 1, (1, 1)).geom,
+                              np.dtype(np.float32), 2**40, 64)
 
 
 # ---- the 128 x 128 pipelined float32 kernels ------------------------------------

@@ -18,6 +18,7 @@ float32, as NumPy does).
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy
 
@@ -80,31 +81,25 @@ def forward(x, w, bias, geom, precision="highest"):
     if y.size == 0:
         return y
     x, w = _kernels.kernel_operand(x), _kernels.kernel_operand(w)
-    layout, stride = geom.layout, geom.stride
-    xs = _strides(x, _ACTIVATION_AXES[layout])
-    ws = _strides(w, _WEIGHT_AXES[layout])
-    ys = _strides(y, _ACTIVATION_AXES[layout])
+    gemm = _forward_plan(geom, x.dtype, _tuning())
+    axes = _ACTIVATION_AXES[geom.layout]
+    xs, ws = _strides(x, axes), _strides(w, _WEIGHT_AXES[geom.layout])
     has_bias = bias is not None
     if has_bias:
         bias = _kernels.kernel_operand(bias)
         bias_stride = bias.strides[0] // bias.itemsize
     else:
         bias, bias_stride = y, 0  # never read; any array of the dtype will do
-    pixels, cout_g = geom.batch * math.prod(geom.out_hw), _per_group(geom.out_channels, geom)
-    tile = plan(x.dtype, pixels, cout_g, geom.groups, 1)
-    flags = (
-        int(has_bias),
+    flags = _kernels.int32s(
+        has_bias,
         # A: rows are output pixels, k is (i, j, c_in) with c_in fastest.
-        _load_order(xs[2] * stride[1], xs[3]),
+        _load_order(xs[2] * geom.stride[1], xs[3]),
         # B: rows are output channels, k runs along c_in.
-        _load_order(ws[3], ws[2], tile == _LARGE_TILE and _chunks_fit(w, ws, cout_g)),
-        _rows_fastest(ys[2], ys[3]),  # lanes along the output's pixels?
+        _load_order(ws[3], ws[2], gemm.tile == _LARGE_TILE and _chunks_fit(w, ws, gemm.cols)),
+        gemm.out_order,
     )
-    _launch_gemm(
-        "convolution_forward_igemm", tile, x.dtype, pixels, cout_g, geom.groups, 1,
-        (x, w, bias, y) + _geometry_args(geom) + xs + ws + ys + (numpy.int64(bias_stride),)
-        + _kernels.int32s(*flags),
-    )
+    gemm.launch((x, w, bias, y), xs + ws + gemm.out_strides
+                + (numpy.int64(bias_stride),) + flags)
     return y
 
 
@@ -128,24 +123,17 @@ def input_grad(w, grad_out, geom, precision="highest"):
     if by_taps:
         return _input_grad_by_taps(xp, w, grad_out, grad_x, geom)
     w, grad_out = _kernels.kernel_operand(w), _kernels.kernel_operand(grad_out)
-    layout = geom.layout
-    gos = _strides(grad_out, _ACTIVATION_AXES[layout])
-    ws = _strides(w, _WEIGHT_AXES[layout])
-    gxs = _strides(grad_x, _ACTIVATION_AXES[layout])
-    pixels, cin_g = geom.batch * math.prod(geom.in_hw), _per_group(geom.in_channels, geom)
-    flags = (
+    gemm = _input_grad_plan(geom, w.dtype, _tuning())
+    axes = _ACTIVATION_AXES[geom.layout]
+    gos, ws = _strides(grad_out, axes), _strides(w, _WEIGHT_AXES[geom.layout])
+    flags = _kernels.int32s(
         # A: rows are input pixels, k is (i, j, c_out) with c_out fastest.
         _load_order(gos[2], gos[3]),
         # B: rows are input channels, k runs along c_out.
         _load_order(ws[2], ws[3]),
-        _rows_fastest(gxs[2], gxs[3]),
+        gemm.out_order,
     )
-    _launch_gemm(
-        "convolution_input_grad_igemm", plan(w.dtype, pixels, cin_g, geom.groups, 1),
-        w.dtype, pixels, cin_g, geom.groups, 1,
-        (grad_out, w, grad_x) + _geometry_args(geom) + gos + ws + gxs
-        + _kernels.int32s(*flags),
-    )
+    gemm.launch((grad_out, w, grad_x), gos + ws + gemm.out_strides + flags)
     return grad_x
 
 
@@ -206,36 +194,20 @@ def weight_grad(x, grad_out, geom, precision="highest"):
     if grad_w.size == 0:
         return grad_w
     x, grad_out = _kernels.kernel_operand(x), _kernels.kernel_operand(grad_out)
-    layout, groups, (kh, kw) = geom.layout, geom.groups, geom.kernel
-    cin_g = _per_group(geom.in_channels, geom)
-    cout_g = _per_group(geom.out_channels, geom)
-    taps = kh * kw * cin_g
-    splits, split_len = _weight_grad_splits(
-        taps, cout_g, groups, geom.batch * math.prod(geom.out_hw))
-    partial = xp.empty((splits, groups, taps, cout_g), _kernels.accumulator_dtype(x.dtype))
-    xs = _strides(x, _ACTIVATION_AXES[layout])
-    gos = _strides(grad_out, _ACTIVATION_AXES[layout])
-    tile = plan(x.dtype, taps, cout_g, groups, splits)
-    chunks = tile == _LARGE_TILE
-    flags = (
+    gemm, reduction = _weight_grad_plan(geom, x.dtype, _tuning())
+    partial = xp.empty(reduction.partial_shape, reduction.partial_dtype)
+    axes = _ACTIVATION_AXES[geom.layout]
+    xs, gos = _strides(x, axes), _strides(grad_out, axes)
+    chunks = gemm.tile == _LARGE_TILE
+    flags = _kernels.int32s(
         # A: rows are (i, j, c_in) with c_in fastest, k is output pixels.
-        _load_order(xs[3], xs[2] * geom.stride[1], chunks and _chunks_fit(x, xs, cin_g)),
+        _load_order(xs[3], xs[2] * geom.stride[1], chunks and _chunks_fit(x, xs, reduction.cin_g)),
         # B: rows are output channels, k is output pixels.
-        _load_order(gos[3], gos[2], chunks and _chunks_fit(grad_out, gos, cout_g)),
+        _load_order(gos[3], gos[2], chunks and _chunks_fit(grad_out, gos, gemm.cols)),
     )
-    _launch_gemm(
-        "convolution_weight_grad_igemm", tile, x.dtype, taps, cout_g, groups, splits,
-        (x, grad_out, partial) + _geometry_args(geom) + xs + gos + (numpy.int64(split_len),)
-        + _kernels.int32s(*flags),
-    )
-    ws = _strides(grad_w, _WEIGHT_AXES[layout])
-    _kernels.launch(
-        "convolution", "convolution_weight_grad_reduce", _kernels.c_type(x.dtype),
-        _kernels.grid_for(grad_w.size),
-        (partial, grad_w)
-        + _kernels.int64s(splits, groups, kw, taps, cin_g, cout_g)
-        + ws,
-    )
+    gemm.launch((x, grad_out, partial), xs + gos + reduction.split_len + flags)
+    _kernels.launch("convolution", "convolution_weight_grad_reduce", gemm.c_type,
+                    reduction.grid, (partial, grad_w) + reduction.args)
     return grad_w
 
 
@@ -318,6 +290,7 @@ def _rows_fastest(row_step, k_step):
     return int(abs(int(row_step)) < abs(int(k_step)))
 
 
+@functools.lru_cache(maxsize=1024)
 def _load_order(row_step, k_step, chunks=False):
     """A GEMM operand loader's LoadOrder (convolution.cu): 16-byte runs of 4
     rows where ``chunks`` (see :func:`_chunks_fit`), else rows or reduction
@@ -378,16 +351,114 @@ def _dtype_name(dtype):
     return numpy.dtype(dtype).name
 
 
-def _launch_gemm(kernel, tile, dtype, rows, cols, groups, splits, args):
-    """Launch implicit-GEMM ``kernel`` (or, for ``tile == _LARGE_TILE``, its
-    ``*128`` variant) over a ``rows x cols`` product per group and split, as
-    a 1-D grid of ``tile x tile`` block tiles."""
-    if tile == _LARGE_TILE:
-        kernel += "128"
-    blocks = _kernels.ceil_div(rows, tile) * _kernels.ceil_div(cols, tile) * groups * splits
-    if blocks > _MAX_BLOCKS:
-        raise ValueError(
-            f"conv2d: this problem needs {blocks} thread blocks, more than the "
-            f"{_MAX_BLOCKS} one CUDA launch allows; split the batch into parts"
-        )
-    _kernels.launch("convolution", kernel, _kernels.c_type(dtype), (blocks,), args)
+# ---- launch plans ---------------------------------------------------------------
+# What a launch needs that the geometry and dtype fix is worked out once per
+# geometry, dtype and tunables (:func:`_tuning`, part of the cache key so
+# that changing a tunable never meets a stale plan); a call then adds only
+# what depends on its arrays: strides, alignment and the outputs.
+
+def _tuning():
+    """The module's tunables that a plan depends on."""
+    return (_TARGET_BLOCKS, _MIN_SPLIT_SLICES, _MAX_SPLITS, _LARGE_TILE_BLOCKS,
+            _LARGE_TILE_MIN_SIDE)
+
+
+class GemmPlan(NamedTuple):
+    """One implicit-GEMM launch: ``kernel`` (with the ``128`` suffix for
+    ``tile == _LARGE_TILE``) over a ``rows x cols`` product per group and
+    split, as a 1-D grid of ``tile x tile`` block tiles.  ``geometry`` is
+    the kernel's leading arguments (:func:`_geometry_args`); ``out_strides``
+    and ``out_order`` are the arguments of the new output array (the
+    forward's and the input gradient's; the weight gradient writes partial
+    sums)."""
+
+    kernel: str
+    c_type: str
+    grid: tuple
+    tile: int
+    rows: int
+    cols: int
+    geometry: tuple
+    out_strides: tuple = ()
+    out_order: int = 0
+
+    @classmethod
+    def of(cls, kernel, geom, dtype, rows, cols, splits=1, out=None):
+        """The plan; ``out = (shape, layout)`` of a new output array."""
+        groups = geom.groups
+        tile = plan(dtype, rows, cols, groups, splits)
+        if tile == _LARGE_TILE:
+            kernel += "128"
+        blocks = (_kernels.ceil_div(rows, tile) * _kernels.ceil_div(cols, tile)
+                  * groups * splits)
+        if blocks > _MAX_BLOCKS:
+            raise ValueError(
+                f"conv2d: this problem needs {blocks} thread blocks, more than the "
+                f"{_MAX_BLOCKS} one CUDA launch allows; split the batch into parts"
+            )
+        gemm = cls(kernel, _kernels.c_type(dtype), (blocks,), tile, rows, cols,
+                   _geometry_args(geom))
+        if out is None:
+            return gemm
+        strides = _contiguous_strides(*out, _ACTIVATION_AXES)
+        # Lanes along the output's pixels, or along its channels?
+        return gemm._replace(out_strides=strides, out_order=_rows_fastest(strides[2], strides[3]))
+
+    def launch(self, arrays, trailing):
+        """Launch on ``arrays``, then the geometry, then ``trailing``."""
+        _kernels.launch("convolution", self.kernel, self.c_type, self.grid,
+                        arrays + self.geometry + trailing)
+
+
+class WeightGradReduction(NamedTuple):
+    """The weight gradient's split reduction: partial sums of
+    ``partial_shape = (splits, groups, taps, C_out/groups)`` in
+    ``partial_dtype``, ``split_len`` output pixels each (a kernel argument);
+    ``grid`` and the arguments after ``(partial, grad_w)`` of
+    ``convolution_weight_grad_reduce``."""
+
+    partial_shape: tuple
+    partial_dtype: numpy.dtype
+    split_len: tuple
+    grid: tuple
+    args: tuple
+    cin_g: int
+
+
+def _contiguous_strides(shape, layout, axes_of_layout):
+    """Element strides, as kernel arguments in the semantic order of
+    ``axes_of_layout[layout]``, of a new C-contiguous array of ``shape``."""
+    strides, step = [0] * len(shape), 1
+    for axis in reversed(range(len(shape))):
+        strides[axis], step = step, step * shape[axis]
+    return _kernels.int64s(*(strides[axis] for axis in axes_of_layout[layout]))
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_plan(geom, dtype, tuning):
+    return GemmPlan.of("convolution_forward_igemm", geom, dtype,
+                       geom.batch * math.prod(geom.out_hw), _per_group(geom.out_channels, geom),
+                       out=(geom.out_shape, geom.layout))
+
+
+@functools.lru_cache(maxsize=256)
+def _input_grad_plan(geom, dtype, tuning):
+    return GemmPlan.of("convolution_input_grad_igemm", geom, dtype,
+                       geom.batch * math.prod(geom.in_hw), _per_group(geom.in_channels, geom),
+                       out=(geom.in_shape, geom.layout))
+
+
+@functools.lru_cache(maxsize=256)
+def _weight_grad_plan(geom, dtype, tuning):
+    """``(GemmPlan, WeightGradReduction)`` of a weight gradient."""
+    (kh, kw), groups = geom.kernel, geom.groups
+    cin_g, cout_g = _per_group(geom.in_channels, geom), _per_group(geom.out_channels, geom)
+    taps = kh * kw * cin_g
+    splits, split_len = _weight_grad_splits(
+        taps, cout_g, groups, geom.batch * math.prod(geom.out_hw))
+    gemm = GemmPlan.of("convolution_weight_grad_igemm", geom, dtype, taps, cout_g, splits)
+    grad_w_strides = _contiguous_strides(geom.weight_shape, geom.layout, _WEIGHT_AXES)
+    return gemm, WeightGradReduction(
+        (splits, groups, taps, cout_g), _kernels.accumulator_dtype(dtype),
+        _kernels.int64s(split_len), _kernels.grid_for(math.prod(geom.weight_shape)),
+        _kernels.int64s(splits, groups, kw, taps, cin_g, cout_g) + grad_w_strides, cin_g)
