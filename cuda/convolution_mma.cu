@@ -32,12 +32,19 @@
 // phase reads hit eight distinct 16-byte bank groups.  Both operands are
 // stored [row][k]: ldmatrix without .trans gives the A and B fragments.
 //
-// Operands are loaded by ChunkLoader (16-byte cp.async chunks, where E
-// consecutive k of a row are contiguous and aligned in memory: the packed
-// weights, channels-last activations with a multiple of E channels) or by
-// ElementLoader (element by element through registers: any layout, stride
-// or view).  The host packs w per call as [group][cols][Kp], k contiguous
-// and zero beyond K up to a whole stage.
+// Operands are loaded (E = 16 bytes of elements) by
+//   ChunkLoader:    16-byte cp.async chunks, where E consecutive k of a row
+//                   are contiguous and aligned in memory (the packed weights;
+//                   forward and input-gradient activations in channels-last
+//                   layout with a multiple of E channels per group);
+//   RowChunkLoader: 16-byte loads through registers, where E consecutive
+//                   rows at one k are (the weight gradient's x and grad_out
+//                   in channels-last layout with a multiple of E channels
+//                   per group: rows are channels, k is the pixel);
+//   ElementLoader:  element by element through registers (any layout,
+//                   stride or view).
+// The host packs w per call as [group][cols][Kp], k contiguous and zero
+// beyond K up to a whole stage.
 //
 // With splits > 1 each split reduces a fixed range of k and writes its
 // float32 partial tile to `partial` [splits][groups][rows][cols];
@@ -300,6 +307,68 @@ struct ElementLoader {
             tile[swizzled(tile_row, col / kE) * kE + col % kE] =
                 offset >= 0 ? base[offset] : T(0.0f);
             if (k + 1 < depth) op.walk.advance(at);
+        }
+    }
+};
+
+// 16-byte chunks along the rows, through registers: where rows r .. r + kE - 1
+// (r a multiple of kE) at one k are kE contiguous, 16-byte aligned elements
+// (one pixel's channels in the weight gradient's operands; the kE rows then
+// share a tap (i, j), so one offset decides the whole chunk).  Each chunk is
+// stored down column k of the tile.  A warp loads 16 consecutive k, two
+// consecutive chunks of each from consecutive lanes (32 bytes of a pixel);
+// the odd lane writes its rows in the order 1 0 3 2 ..., so that the two
+// lanes of a k write rows of opposite parity: with the swizzle the 32 lanes
+// of each store hit 32 distinct banks (or, for 16-bit elements, k and k + 1
+// share a word: no conflict either).  Each thread has one k and kPerThread
+// chunks of rows.
+template <typename T, int Rows, int Threads, class Operand>
+struct RowChunkLoader {
+    static constexpr int kE = kChunkElems<T>;
+    static constexpr int kLanesPerK = 2;
+    static constexpr int kWarpDepth = 32 / kLanesPerK;                 // k of one warp
+    static constexpr int kDepthWarps = kStageDepth<T> / kWarpDepth;    // warps across the k
+    static constexpr int kChunkStep = kLanesPerK * (Threads / 32) / kDepthWarps;
+    static constexpr int kPerThread = Rows / kE / kChunkStep;
+    static_assert(kStageDepth<T> % kWarpDepth == 0 && (Threads / 32) % kDepthWarps == 0,
+                  "whole warps cover the stage's k");
+    static_assert(kPerThread >= 1 && kPerThread * kChunkStep * kE == Rows,
+                  "the threads cover every chunk of rows once");
+    const T* base;
+    Operand op;
+    index_t depth;  // k beyond it is zero
+    typename Operand::Row rows[kPerThread];  // the first row of each chunk
+
+    __device__ RowChunkLoader(const T* base_, const Operand& op_, index_t row0,
+                              index_t row_count, index_t depth_)
+        : base(base_), op(op_), depth(depth_) {
+#pragma unroll
+        for (int r = 0; r < kPerThread; ++r) rows[r] = op.row(row0 + tile_row(r), row_count);
+    }
+    // The first tile row of the thread's chunk r.
+    __device__ static int tile_row(int r) {
+        const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+        return (lane % kLanesPerK + kLanesPerK * (warp / kDepthWarps) + r * kChunkStep) * kE;
+    }
+    __device__ void load(T* tile, index_t k0) const {
+        const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+        const int col = warp % kDepthWarps * kWarpDepth + lane / kLanesPerK;
+        const bool odd = lane % kLanesPerK != 0;
+        const index_t k = k0 + col;
+        const typename Operand::Position at = op.walk.locate(min(k, depth - 1));
+        T* column = tile + col % kE;
+#pragma unroll
+        for (int r = 0; r < kPerThread; ++r) {
+            const index_t offset = k < depth ? op.offset(rows[r], at) : -1;
+            const uint4 words = offset >= 0 ? cupyconv::mma::load_16_bytes(base + offset)
+                                            : make_uint4(0, 0, 0, 0);
+            T v[kE];
+            memcpy(v, &words, sizeof(words));
+#pragma unroll
+            for (int e = 0; e < kE; ++e) {
+                const int row = tile_row(r) + (odd ? e ^ 1 : e);
+                column[swizzled(row, col / kE) * kE] = odd ? v[e ^ 1] : v[e];
+            }
         }
     }
 };
@@ -594,13 +663,26 @@ __device__ __forceinline__ void multiply_packed(
     }
 }
 
+// use(loader) with the RowChunkLoader of `op` where `vector`, otherwise with
+// its ElementLoader: the weight gradient's loaders of x and grad_out.
+template <typename T, int Rows, int Threads, class Operand, class Use>
+__device__ __forceinline__ void with_pixel_loader(bool vector, const T* base, const Operand& op,
+                                                  index_t row0, index_t row_count,
+                                                  index_t pixels, const Use& use) {
+    if (vector)
+        use(RowChunkLoader<T, Rows, Threads, Operand>(base, op, row0, row_count, pixels));
+    else
+        use(ElementLoader<T, Rows, Threads, Operand>(base, op, row0, row_count, pixels));
+}
+
 }  // namespace tensor_core
 
 // See the file's header.  Every kernel: T arrays; strides in elements in
 // semantic order, (n, h, w, c) for activations and (i, j, c_in, c_out) for
 // weights; partial (splits > 1) float32 [splits][groups][rows][cols];
 // launch with Shape<Config>::kThreads threads and kStages * kStageBytes
-// bytes of dynamic shared memory.  The chunk loader reads A where vector_a.
+// bytes of dynamic shared memory.  The 16-byte loaders read A where vector_a
+// (and the weight gradient's B where vector_b).
 
 // y = conv2d(x, w) + bias.  w_packed: [groups][Cog][k_padded], k = (i, j, c_in).
 template <typename T, bool Split3, int Config>
@@ -670,7 +752,7 @@ convolution_weight_grad_mma(
     index_t x_sn, index_t x_sh, index_t x_sw, index_t x_sc,
     index_t go_sn, index_t go_sh, index_t go_sw, index_t go_sc,
     index_t w_si, index_t w_sj, index_t w_scin, index_t w_scout, int splits,
-    int split_tiles) {
+    int split_tiles, int vector_a, int vector_b) {
     using namespace tensor_core;
     typedef Shape<Config> S;
     extern __shared__ __align__(16) unsigned char shared_bytes[];
@@ -687,12 +769,17 @@ convolution_weight_grad_mma(
         g, Strides{x_sn, x_sh, x_sw, x_sc},
         PixelWalk{out_height, out_width, x_sn, stride_h * x_sh, stride_w * x_sw}};
     const WeightGradOutput grads{go_sc, PixelWalk{out_height, out_width, go_sn, go_sh, go_sw}};
-    const ElementLoader<T, S::kRows, S::kThreads, WeightGradInput> load_a(
-        x + (index_t)tile.group * cin_g * x_sc, input, tile.row0, taps, pixels);
-    const ElementLoader<T, S::kCols, S::kThreads, WeightGradOutput> load_b(
-        grad_out + (index_t)tile.group * cout_g * go_sc, grads, tile.col0, cout_g, pixels);
     float acc[S::kMTiles][S::kNTiles][4];
-    multiply<T, Split3, Config>(load_a, load_b, tile_begin, tile_count, shared_bytes, acc);
+    with_pixel_loader<T, S::kRows, S::kThreads>(
+        vector_a != 0, x + (index_t)tile.group * cin_g * x_sc, input, tile.row0, taps, pixels,
+        [&](const auto& load_a) {
+            with_pixel_loader<T, S::kCols, S::kThreads>(
+                vector_b != 0, grad_out + (index_t)tile.group * cout_g * go_sc, grads, tile.col0,
+                cout_g, pixels, [&](const auto& load_b) {
+                    multiply<T, Split3, Config>(load_a, load_b, tile_begin, tile_count,
+                                                shared_bytes, acc);
+                });
+        });
     store<T, Config>(acc, tile, taps, cout_g, groups, splits,
                      grad_w + (index_t)tile.group * cout_g * w_scout,
                      RowMap{kernel_w, cin_g, w_si, w_sj, w_scin}, w_scout, grad_w, 0, false,

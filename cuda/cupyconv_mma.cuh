@@ -1,9 +1,9 @@
 // Tensor-core building blocks (sm_80 and later): mma.sync, ldmatrix,
-// cp.async and the TF32 conversions, each as a small device helper around
-// one PTX instruction.  Under the CPU executor (CUPYCONV_CPU_EXECUTOR) the
-// same helpers run the executor's emulation of that instruction
-// (tests/cpu_cuda/include/cupyconv_cpu_mma.h), so kernels built on them run
-// in CI.
+// cp.async, 16-byte global loads and the TF32 conversions, each as a small
+// device helper around one PTX instruction.  Under the CPU executor
+// (CUPYCONV_CPU_EXECUTOR) the same helpers run the executor's emulation of
+// that instruction (tests/cpu_cuda/include/cupyconv_cpu_mma.h), so kernels
+// built on them run in CI.
 //
 // Fragments follow the PTX ISA ("Matrix Fragments for mma.m16n8k8" and
 // "mma.m16n8k16"; g = lane / 4, t = lane % 4):
@@ -179,6 +179,18 @@ __device__ __forceinline__ void cp_async_wait() {
     cupyconv_cpu::async_wait(Pending);
 #else
     asm volatile("cp.async.wait_group %0;" :: "n"(Pending) : "memory");
+#endif
+}
+
+// ---- 16-byte global loads through registers ---------------------------------
+// The 16 bytes at `src` (16-byte aligned, read-only while the kernel runs) as
+// four 32-bit words: one ld.global.nc.v4.
+
+__device__ __forceinline__ uint4 load_16_bytes(const void* src) {
+#ifdef CUPYCONV_CPU_EXECUTOR
+    return cupyconv_cpu::load_16_bytes(src, __FILE__, __LINE__);
+#else
+    return __ldg(static_cast<const uint4*>(src));
 #endif
 }
 

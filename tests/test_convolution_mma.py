@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import cupyconv as cc
+from cupyconv import _kernels
 from cupyconv.convolution import _cuda_mma
 
 torch = pytest.importorskip("torch")
@@ -117,11 +118,15 @@ def check(results, x, w, bias, grad_out, case, mode):
                                         f"{bound[worst]:.3g} at {worst}")
 
 
-def run(case, mode, seed=0, view=None, ops=("forward", "input", "weight")):
+def run(case, mode, seed=0, x_view=None, grad_view=None, ops=("forward", "input", "weight")):
+    """Check ``ops`` of ``case`` in ``mode``, x and grad_out passed through
+    the views given."""
     dtype, precision, _, _ = MODES[mode]
     x, w, bias, grad_out = arrays(case, dtype, seed)
-    if view is not None:
-        x, grad_out = view(x), view(grad_out)
+    if x_view is not None:
+        x = x_view(x)
+    if grad_view is not None:
+        grad_out = grad_view(grad_out)
     kwargs = {k: case[k] for k in ("stride", "padding", "dilation", "groups", "layout")}
     kwargs["precision"] = precision
     calls = {
@@ -151,7 +156,7 @@ def test_large_tile_general_loader(cpu_kernels, monkeypatch, mode):
 
 
 @pytest.mark.parametrize("mode", ["tf32", "bfloat16"])
-def test_strided_views(cpu_kernels, mode):
+def test_strided_views(cpu_kernels, weight_grad_loaders, mode):
     """x and grad_out as views with odd strides and offsets: no 16-byte
     chunks, the element loaders read them in place."""
     def view(a):
@@ -159,7 +164,87 @@ def test_strided_views(cpu_kernels, mode):
         big = np.zeros((n, 2 * h, w, c + 1), a.dtype)
         big[:, ::2, :, 1:] = a
         return big[:, ::2, :, 1:]
-    run(CASES["nhwc_vector"], mode, view=view)
+    run(CASES["nhwc_vector"], mode, x_view=view, grad_view=view)
+    assert weight_grad_loaders == [(0, 0)]
+
+
+#: The weight gradient with 16-byte chunks of channels in both operands:
+#: NHWC, 8 input and 72 output channels per group (so that a thread's
+#: second chunk of rows holds data in either block tile), stride, dilation
+#: and padding (whole chunks of taps fall in the padding), and N*OH*OW = 70
+#: output pixels: a partial last stage of the reduction.
+WEIGHT_GRAD_CASE = dict(x=(2, 9, 8, 16), w=(3, 3, 8, 144), stride=(2, 1),
+                        padding=((2, 1), (1, 2)), dilation=(1, 2), groups=2, layout="NHWC")
+
+
+@pytest.fixture
+def weight_grad_loaders(monkeypatch):
+    """The (vector_a, vector_b) arguments of each weight-gradient launch:
+    which operands the kernel reads as 16-byte chunks."""
+    flags = []
+    launch = _kernels.launch
+
+    def recording(family, kernel, template_args, grid, args, **kwargs):
+        if kernel == "convolution_weight_grad_mma":
+            flags.append(tuple(int(a) for a in args[-2:]))
+        return launch(family, kernel, template_args, grid, args, **kwargs)
+    monkeypatch.setattr(_kernels, "launch", recording)
+    return flags
+
+
+def misaligned(a):
+    """``a`` as a view one element into a wider array: channels still
+    contiguous, but neither the data nor the pixels 16-byte aligned."""
+    big = np.zeros(a.shape[:3] + (a.shape[3] + 1,), a.dtype)
+    big[..., 1:] = a
+    return big[..., 1:]
+
+
+@pytest.mark.parametrize("config", [0, 1])
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_weight_grad_reads_chunks_of_channels(cpu_kernels, monkeypatch, weight_grad_loaders,
+                                              mode, config):
+    """Both operands of the weight gradient as 16-byte chunks of channels
+    (RowChunkLoader), in the 128 x 128 (forced) and 64 x 64 tiles."""
+    if config == 0:
+        monkeypatch.setattr(_cuda_mma, "_TARGET_BLOCKS", 1)
+    assert _cuda_mma.plan(3 * 3 * 8, 72, 2, 3)[0] == config
+    run(WEIGHT_GRAD_CASE, mode, ops=("weight",))
+    assert weight_grad_loaders == [(1, 1)]
+
+
+@pytest.mark.parametrize("mode", ["tf32", "bfloat16"])
+@pytest.mark.parametrize("aligned", ["x", "grad_out"])
+def test_weight_grad_mixes_loaders(cpu_kernels, weight_grad_loaders, mode, aligned):
+    """One operand a misaligned view: it is read element by element, the
+    other still as 16-byte chunks."""
+    run(WEIGHT_GRAD_CASE, mode, ops=("weight",),
+        x_view=None if aligned == "x" else misaligned,
+        grad_view=None if aligned == "grad_out" else misaligned)
+    assert weight_grad_loaders == [(int(aligned == "x"), int(aligned == "grad_out"))]
+
+
+@pytest.mark.parametrize("mode", ["3xtf32", "float16"])
+def test_weight_grad_chunks_need_16_bytes_of_channels(cpu_kernels, weight_grad_loaders, mode):
+    """12 input and 20 output channels: chunks of 4 float32 fit, chunks of
+    8 float16 do not."""
+    case = dict(CASES["nhwc_vector"], x=(2, 6, 5, 12), w=(3, 3, 12, 20))
+    run(case, mode, ops=("weight",))
+    chunks = int(mode == "3xtf32")
+    assert weight_grad_loaders == [(chunks, chunks)]
+
+
+def test_weight_grad_kernel_follows_the_flags(cpu_kernels, monkeypatch):
+    """Told that misaligned operands fit, the kernel reads them with 16-byte
+    loads (which the executor, like a GPU, refuses): the flags pick the
+    loader."""
+    from cpu_cuda import KernelLaunchError
+    monkeypatch.setattr(_cuda_mma, "_chunks_fit", lambda a, strides, channels: True)
+    case = WEIGHT_GRAD_CASE
+    x, w, _, grad_out = arrays(case, np.float32, 0)
+    kwargs = {k: case[k] for k in ("stride", "padding", "dilation", "groups", "layout")}
+    with pytest.raises(KernelLaunchError, match="not aligned to 16 bytes"):
+        cc.conv2d_weight(misaligned(x), w.shape, grad_out, precision="tf32", **kwargs)
 
 
 def _launched(kernel):

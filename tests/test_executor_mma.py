@@ -1,6 +1,7 @@
 """The CPU executor's tensor-core instructions (cuda/cupyconv_mma.cuh on the
 executor's emulation): mma.sync fragments lane by lane, ldmatrix, cp.async
-groups and the TF32 / bfloat16 conversions, on small kernels written here.
+groups, 16-byte loads and the TF32 / bfloat16 conversions, on small kernels
+written here.
 
 Each mma kernel loads its fragments from global memory with the PTX ISA's
 per-lane formulas written out in the kernel; a variant with one index
@@ -140,6 +141,13 @@ __global__ void async_stage(const float* src, float* out, int mode, int src_byte
     for (int i = 0; i < 4; ++i) out[4 * t + i] = first[4 * u + i];
 }
 
+// 16-byte loads through registers: out[4 t ..] = the 4 words at in + 4 t + shift.
+__global__ void load_chunks(const unsigned* in, unsigned* out, int shift) {
+    const uint4 words = load_16_bytes(in + 4 * threadIdx.x + shift);
+    unsigned* mine = out + 4 * threadIdx.x;
+    mine[0] = words.x, mine[1] = words.y, mine[2] = words.z, mine[3] = words.w;
+}
+
 __global__ void tf32_bits(const float* in, unsigned* out, long long n) {
     for (long long i = threadIdx.x; i < n; i += blockDim.x) out[i] = to_tf32(in[i]);
 }
@@ -170,7 +178,7 @@ EXPRESSIONS = (
     "ldmatrix_registers<1, false>", "ldmatrix_registers<2, false>",
     "ldmatrix_registers<4, false>", "ldmatrix_registers<1, true>",
     "ldmatrix_registers<2, true>", "ldmatrix_registers<4, true>",
-    "ldmatrix_from_global", "mma_with_lane_returned", "async_stage",
+    "ldmatrix_from_global", "mma_with_lane_returned", "async_stage", "load_chunks",
     "tf32_bits", "split_tf32_parts", "bfloat16_round_trip",
 )
 
@@ -320,6 +328,20 @@ def test_cp_async_rejects_bad_sizes(kernel):
     with pytest.raises(KernelLaunchError, match="not 20 of 16"):
         kernel("async_stage")((1,), (32,), (np.zeros(128, np.float32), np.zeros(128, np.float32),
                                             np.int32(0), np.int32(20)))
+
+
+def test_16_byte_loads_read_aligned_chunks(kernel):
+    src = np.arange(4 * 33, dtype=np.uint32)
+    out = np.zeros(4 * 32, np.uint32)
+    kernel("load_chunks")((1,), (32,), (src, out, np.int32(0)))
+    np.testing.assert_array_equal(out, src[:4 * 32])
+
+
+def test_16_byte_loads_reject_misaligned_addresses(kernel):
+    """As on the GPU, where a misaligned vector load faults."""
+    src, out = np.arange(4 * 33, dtype=np.uint32), np.zeros(4 * 32, np.uint32)
+    with pytest.raises(KernelLaunchError, match="not aligned to 16 bytes"):
+        kernel("load_chunks")((1,), (32,), (src, out, np.int32(1)))
 
 
 def special_floats():

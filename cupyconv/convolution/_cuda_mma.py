@@ -139,7 +139,9 @@ def weight_grad(x, grad_out, geom, precision):
     _gemm(xp, "convolution_weight_grad_mma", precision, x.dtype, taps, cout_g, geom.groups,
           _kernels.ceil_div(pixels, depth), _MAX_WEIGHT_GRAD_SPLITS,
           lambda partial: (x, grad_out, grad_w, partial) + _geometry(geom) + xs + gos + ws,
-          tuple, (grad_w, grad_w, (kw, cin_g), ws, 0, False))
+          lambda: (numpy.int32(_chunks_fit(x, xs, cin_g)),
+                   numpy.int32(_chunks_fit(grad_out, gos, cout_g))),
+          (grad_w, grad_w, (kw, cin_g), ws, 0, False))
     return grad_w
 
 
@@ -204,8 +206,9 @@ def _padded_depth(taps, dtype, geom, cols):
 
 
 def _chunks_fit(a, strides, channels):
-    """Whether the chunk loader may read activation ``a``: each stage chunk
-    (``16 // itemsize`` consecutive channels of one pixel) contiguous and
+    """Whether the 16-byte loaders may read activation ``a`` (``channels``
+    per group): every chunk of ``16 // itemsize`` consecutive channels of
+    one pixel, starting at a multiple of ``16 // itemsize``, contiguous and
     16-byte aligned."""
     per_chunk = _CHUNK_BYTES // a.itemsize
     return (strides[3] == 1 and channels % per_chunk == 0

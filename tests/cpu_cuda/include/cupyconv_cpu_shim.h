@@ -230,6 +230,8 @@ void async_copy(void* dst, const void* src, int bytes, int src_bytes, const char
                 int line);
 void async_commit();
 void async_wait(int pending);
+// ld.global.nc.v4.u32: the 16 bytes at src, which must be 16-byte aligned.
+uint4 load_16_bytes(const void* src, const char* file, int line);
 }  // namespace cupyconv_cpu
 #include "cupyconv_cpu_mma.h"
 
