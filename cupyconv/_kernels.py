@@ -265,6 +265,22 @@ def data_pointer(a):
     return a.data.ptr  # a CuPy array's cupy.cuda.MemoryPointer
 
 
+def chunks_fit(a, strides, channels):
+    """Whether the 16-byte loaders of the convolution kernels may read
+    activation ``a`` whose element ``strides`` are in semantic order,
+    channels last, with ``channels`` per group: every run of ``16 //
+    itemsize`` channels of a pixel that starts at a multiple of it is
+    contiguous and 16-byte aligned (channel stride 1, ``channels`` and the
+    other strides multiples of the run, ``a`` aligned)."""
+    run = 16 // a.itemsize
+    if strides[3] != 1 or channels % run:
+        return False
+    for stride in strides[:3]:
+        if stride % run:
+            return False
+    return data_pointer(a) % 16 == 0
+
+
 def kernel_operand(a, contiguous=False):
     """``a`` as a kernel can read it: ``a`` itself, or a C-contiguous copy
     when ``contiguous`` is asked for and ``a`` is not, or when its address or

@@ -239,7 +239,7 @@ def test_weight_grad_kernel_follows_the_flags(cpu_kernels, monkeypatch):
     loads (which the executor, like a GPU, refuses): the flags pick the
     loader."""
     from cpu_cuda import KernelLaunchError
-    monkeypatch.setattr(_cuda_mma, "_chunks_fit", lambda a, strides, channels: True)
+    monkeypatch.setattr(_kernels, "chunks_fit", lambda a, strides, channels: True)
     case = WEIGHT_GRAD_CASE
     x, w, _, grad_out = arrays(case, np.float32, 0)
     kwargs = {k: case[k] for k in ("stride", "padding", "dilation", "groups", "layout")}

@@ -95,7 +95,8 @@ def forward(x, w, bias, geom, precision="highest"):
         # A: rows are output pixels, k is (i, j, c_in) with c_in fastest.
         _load_order(xs[2] * geom.stride[1], xs[3]),
         # B: rows are output channels, k runs along c_in.
-        _load_order(ws[3], ws[2], gemm.tile == _LARGE_TILE and _chunks_fit(w, ws, gemm.cols)),
+        _load_order(ws[3], ws[2],
+                    gemm.tile == _LARGE_TILE and _kernels.chunks_fit(w, ws, gemm.cols)),
         gemm.out_order,
     )
     gemm.launch((x, w, bias, y), xs + ws + gemm.out_strides
@@ -198,12 +199,13 @@ def weight_grad(x, grad_out, geom, precision="highest"):
     partial = xp.empty(reduction.partial_shape, reduction.partial_dtype)
     axes = _ACTIVATION_AXES[geom.layout]
     xs, gos = _strides(x, axes), _strides(grad_out, axes)
-    chunks = gemm.tile == _LARGE_TILE
+    chunks = gemm.tile == _LARGE_TILE  # the 16-byte runs are the 128 kernels' (float32)
     flags = _kernels.int32s(
         # A: rows are (i, j, c_in) with c_in fastest, k is output pixels.
-        _load_order(xs[3], xs[2] * geom.stride[1], chunks and _chunks_fit(x, xs, reduction.cin_g)),
+        _load_order(xs[3], xs[2] * geom.stride[1],
+                    chunks and _kernels.chunks_fit(x, xs, reduction.cin_g)),
         # B: rows are output channels, k is output pixels.
-        _load_order(gos[3], gos[2], chunks and _chunks_fit(grad_out, gos, gemm.cols)),
+        _load_order(gos[3], gos[2], chunks and _kernels.chunks_fit(grad_out, gos, gemm.cols)),
     )
     gemm.launch((x, grad_out, partial), xs + gos + reduction.split_len + flags)
     _kernels.launch("convolution", "convolution_weight_grad_reduce", gemm.c_type,
@@ -293,19 +295,9 @@ def _rows_fastest(row_step, k_step):
 @functools.lru_cache(maxsize=1024)
 def _load_order(row_step, k_step, chunks=False):
     """A GEMM operand loader's LoadOrder (convolution.cu): 16-byte runs of 4
-    rows where ``chunks`` (see :func:`_chunks_fit`), else rows or reduction
+    rows where ``chunks`` (see :func:`.._kernels.chunks_fit`), else rows or reduction
     index fastest (:func:`_rows_fastest`)."""
     return 2 if chunks else _rows_fastest(row_step, k_step)
-
-
-def _chunks_fit(a, strides, channels):
-    """Whether a float32 operand whose GEMM rows run along the channel axis
-    (the last of ``strides``, semantic order) may be copied in 16-byte runs
-    of 4 rows: channels contiguous, ``channels`` per group a multiple of 4,
-    every other stride a multiple of 4 and ``a`` 16-byte aligned."""
-    return (a.itemsize == 4 and int(strides[3]) == 1 and channels % 4 == 0
-            and all(int(s) % 4 == 0 for s in strides[:3])
-            and _kernels.data_pointer(a) % 16 == 0)
 
 
 def _per_group(channels, geom):

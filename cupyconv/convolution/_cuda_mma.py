@@ -14,6 +14,7 @@ small next to the activations, that lets every weight load be one aligned
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy
 
@@ -74,25 +75,20 @@ def forward(x, w, bias, geom, precision):
     if y.size == 0:
         return y
     x = _kernels.kernel_operand(x)
-    cin_g, cout_g = _per_group(geom)
-    taps = geom.kernel[0] * geom.kernel[1] * cin_g
-    k_padded = _padded_depth(taps, x.dtype, geom, cout_g)
-    w_packed = _packed(xp, w, geom, k_padded, transpose=False)
-    axes = _cuda._ACTIVATION_AXES[geom.layout]
-    xs, ys = _cuda._strides(x, axes), _cuda._strides(y, axes)
-    pixels = geom.batch * math.prod(geom.out_hw)
+    gemm = _forward_plan(geom, x.dtype, precision, _tuning())
+    w_packed = _packed(xp, w, geom, gemm.k_padded, transpose=False)
+    xs = _cuda._strides(x, _cuda._ACTIVATION_AXES[geom.layout])
     has_bias = bias is not None
     if has_bias:
         bias = _kernels.kernel_operand(bias)
         bias_stride = bias.strides[0] // bias.itemsize
     else:
         bias, bias_stride = y, 0  # never read
-    _gemm(xp, "convolution_forward_mma", precision, x.dtype, pixels, cout_g, geom.groups,
-          k_padded // _depth(x.dtype), _MAX_SPLITS,
-          lambda partial: (x, w_packed, bias, y, partial) + _geometry(geom) + xs + ys
-          + (numpy.int64(bias_stride), numpy.int32(has_bias), numpy.int32(k_padded)),
-          lambda: (numpy.int32(_chunks_fit(x, xs, cin_g)),),
-          (bias, y, geom.out_hw, ys, bias_stride, has_bias))
+    bias_args = (numpy.int64(bias_stride), numpy.int32(has_bias))
+    partial = gemm.partial(xp)
+    gemm.launch((x, w_packed, bias, y, partial), xs + gemm.out_strides + bias_args
+                + gemm.k_padded_arg, (_kernels.chunks_fit(x, xs, gemm.cin_g),))
+    gemm.sum_splits(partial, bias, y, bias_args)
     return y
 
 
@@ -103,19 +99,13 @@ def input_grad(w, grad_out, geom, precision):
     if grad_x.size == 0:
         return grad_x
     grad_out = _kernels.kernel_operand(grad_out)
-    cin_g, cout_g = _per_group(geom)
-    taps = geom.kernel[0] * geom.kernel[1] * cout_g
-    k_padded = _padded_depth(taps, grad_out.dtype, geom, cin_g)
-    w_packed = _packed(xp, w, geom, k_padded, transpose=True)
-    axes = _cuda._ACTIVATION_AXES[geom.layout]
-    gos, gxs = _cuda._strides(grad_out, axes), _cuda._strides(grad_x, axes)
-    pixels = geom.batch * math.prod(geom.in_hw)
-    _gemm(xp, "convolution_input_grad_mma", precision, grad_out.dtype, pixels, cin_g,
-          geom.groups, k_padded // _depth(grad_out.dtype), _MAX_SPLITS,
-          lambda partial: (grad_out, w_packed, grad_x, partial) + _geometry(geom) + gos + gxs
-          + (numpy.int32(k_padded),),
-          lambda: (numpy.int32(_chunks_fit(grad_out, gos, cout_g)),),
-          (grad_x, grad_x, geom.in_hw, gxs, 0, False))
+    gemm = _input_grad_plan(geom, grad_out.dtype, precision, _tuning())
+    w_packed = _packed(xp, w, geom, gemm.k_padded, transpose=True)
+    gos = _cuda._strides(grad_out, _cuda._ACTIVATION_AXES[geom.layout])
+    partial = gemm.partial(xp)
+    gemm.launch((grad_out, w_packed, grad_x, partial), gos + gemm.out_strides
+                + gemm.k_padded_arg, (_kernels.chunks_fit(grad_out, gos, gemm.cout_g),))
+    gemm.sum_splits(partial, grad_x, grad_x, _NO_BIAS)
     return grad_x
 
 
@@ -128,54 +118,135 @@ def weight_grad(x, grad_out, geom, precision):
     if grad_w.size == 0:
         return grad_w
     x, grad_out = _kernels.kernel_operand(x), _kernels.kernel_operand(grad_out)
-    cin_g, cout_g = _per_group(geom)
-    kh, kw = geom.kernel
-    taps = kh * kw * cin_g
+    gemm = _weight_grad_plan(geom, x.dtype, precision, _tuning())
     axes = _cuda._ACTIVATION_AXES[geom.layout]
     xs, gos = _cuda._strides(x, axes), _cuda._strides(grad_out, axes)
-    ws = _cuda._strides(grad_w, _cuda._WEIGHT_AXES[geom.layout])
-    pixels = geom.batch * math.prod(geom.out_hw)
-    depth = _depth(x.dtype)
-    _gemm(xp, "convolution_weight_grad_mma", precision, x.dtype, taps, cout_g, geom.groups,
-          _kernels.ceil_div(pixels, depth), _MAX_WEIGHT_GRAD_SPLITS,
-          lambda partial: (x, grad_out, grad_w, partial) + _geometry(geom) + xs + gos + ws,
-          lambda: (numpy.int32(_chunks_fit(x, xs, cin_g)),
-                   numpy.int32(_chunks_fit(grad_out, gos, cout_g))),
-          (grad_w, grad_w, (kw, cin_g), ws, 0, False))
+    partial = gemm.partial(xp)
+    gemm.launch((x, grad_out, grad_w, partial), xs + gos + gemm.out_strides,
+                (_kernels.chunks_fit(x, xs, gemm.cin_g),
+                 _kernels.chunks_fit(grad_out, gos, gemm.cout_g)))
+    gemm.sum_splits(partial, grad_w, grad_w, _NO_BIAS)
     return grad_w
 
 
-def _gemm(xp, kernel, precision, dtype, rows, cols, groups, k_tiles, max_splits, leading,
-          trailing, output):
-    """Launch ``kernel`` over a ``rows x cols`` product per group with
-    ``k_tiles`` reduction stages: ``leading(partial)`` gives the arguments
-    before ``(splits, split_tiles)``, ``trailing()`` those after.  With
-    several splits, convolution_split_sum_mma then adds their partial products
-    into the output, ``output = (bias, out, (mid, inner), out strides,
-    bias_stride, has_bias)``, rows placed by the first three strides."""
-    config, splits, split_tiles = plan(rows, cols, groups, k_tiles, max_splits)
-    tile_rows, tile_cols, threads = _TILES[config]
-    blocks = (_kernels.ceil_div(rows, tile_rows) * _kernels.ceil_div(cols, tile_cols)
-              * groups * splits)
-    if blocks > _MAX_BLOCKS or split_tiles >= 2**31:
-        raise ValueError(f"conv2d: this problem needs {blocks} thread blocks, more than the "
-                         f"{_MAX_BLOCKS} one CUDA launch allows; split the batch into parts")
-    partial = (xp.empty((splits, groups, rows, cols), numpy.float32) if splits > 1
-               else _unused_partial(xp, _kernels.device_id(xp)))
-    c_type = MMA_TYPES[_dtype_name(dtype)]
-    split3 = "true" if precision == "3xtf32" and c_type == "float" else "false"
-    _kernels.launch(
-        "convolution_mma", kernel, f"{c_type}, {split3}, {config}", (blocks,),
-        leading(partial) + (numpy.int32(splits), numpy.int32(split_tiles)) + trailing(),
-        threads=threads, shared_mem=shared_bytes(config))
-    if splits > 1:
-        bias, out, (mid, inner), strides, bias_stride, has_bias = output
-        _kernels.launch(
-            "convolution_mma", "convolution_split_sum_mma", c_type,
+#: The ``(bias_stride, has_bias)`` arguments of a sum without a bias.
+_NO_BIAS = (numpy.int64(0), numpy.int32(0))
+
+
+# ---- launch plans ---------------------------------------------------------------
+# As in :mod:`._cuda`: what a launch needs that the geometry, dtype and
+# precision fix is worked out once per those and the tunables.
+
+def _tuning():
+    """The module's tunables that a plan depends on (part of its cache key)."""
+    return _TARGET_BLOCKS, _MIN_SPLIT_TILES, _MAX_SPLITS, _MAX_WEIGHT_GRAD_SPLITS
+
+
+class MmaPlan(NamedTuple):
+    """One tensor-core GEMM: ``kernel<template>`` on ``grid`` blocks of
+    ``threads`` with ``shared_mem`` bytes, over a ``rows x cols`` product per
+    group whose reduction is cut into ``splits``; then, with several splits,
+    ``convolution_split_sum_mma`` on ``sum_grid``.  ``geometry`` and
+    ``split_args`` are kernel arguments; ``out_strides`` those of the new
+    output (placed by ``sum_args`` in the split sum); ``k_padded`` the packed
+    weights' row length (forward and input gradient)."""
+
+    kernel: str
+    template: str
+    c_type: str
+    grid: tuple
+    threads: int
+    shared_mem: int
+    partial_shape: tuple
+    geometry: tuple
+    split_args: tuple
+    out_strides: tuple
+    sum_grid: tuple
+    sum_args: tuple
+    cin_g: int
+    cout_g: int
+    k_padded: int = 0
+    k_padded_arg: tuple = ()
+
+    @classmethod
+    def of(cls, kernel, geom, dtype, precision, rows, cols, k_tiles, max_splits, out,
+           row_map):
+        """The plan of a product whose output ``out = (shape, axes)`` has its
+        rows at ``row_map = (mid, inner)`` (see convolution_split_sum_mma)."""
+        groups = geom.groups
+        config, splits, split_tiles = plan(rows, cols, groups, k_tiles, max_splits)
+        tile_rows, tile_cols, threads = _TILES[config]
+        blocks = (_kernels.ceil_div(rows, tile_rows) * _kernels.ceil_div(cols, tile_cols)
+                  * groups * splits)
+        if blocks > _MAX_BLOCKS or split_tiles >= 2**31:
+            raise ValueError(f"conv2d: this problem needs {blocks} thread blocks, more than "
+                             f"the {_MAX_BLOCKS} one CUDA launch allows; split the batch "
+                             "into parts")
+        c_type = MMA_TYPES[_dtype_name(dtype)]
+        split3 = "true" if precision == "3xtf32" and c_type == "float" else "false"
+        out_strides = _cuda._contiguous_strides(*out)
+        return cls(
+            kernel, f"{c_type}, {split3}, {config}", c_type, (blocks,), threads,
+            shared_bytes(config), (splits, groups, rows, cols) if splits > 1 else None,
+            _geometry(geom), _kernels.int32s(splits, split_tiles), out_strides,
             _kernels.grid_for(groups * rows * cols),
-            (partial, bias, out, numpy.int64(rows), numpy.int32(cols), numpy.int32(groups),
-             numpy.int32(splits)) + _kernels.int64s(mid, inner, *strides)
-            + (numpy.int64(bias_stride), numpy.int32(has_bias)))
+            (numpy.int64(rows), numpy.int32(cols), numpy.int32(groups), numpy.int32(splits))
+            + _kernels.int64s(*row_map) + out_strides,
+            *_per_group(geom))
+
+    def partial(self, xp):
+        """The float32 partial products of the splits (a placeholder without)."""
+        if self.partial_shape is None:
+            return _unused_partial(xp, _kernels.device_id(xp))
+        return xp.empty(self.partial_shape, numpy.float32)
+
+    def launch(self, arrays, leading, vector_flags):
+        """The GEMM on ``arrays``, the geometry, ``leading``, the split
+        arguments and the 16-byte loaders' ``vector_flags``."""
+        _kernels.launch("convolution_mma", self.kernel, self.template, self.grid,
+                        arrays + self.geometry + leading + self.split_args
+                        + _kernels.int32s(*vector_flags),
+                        threads=self.threads, shared_mem=self.shared_mem)
+
+    def sum_splits(self, partial, bias, out, bias_args):
+        """With several splits, add their partial products (and the bias)
+        into ``out``."""
+        if self.partial_shape is not None:
+            _kernels.launch("convolution_mma", "convolution_split_sum_mma", self.c_type,
+                            self.sum_grid, (partial, bias, out) + self.sum_args + bias_args)
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_plan(geom, dtype, precision, tuning):
+    cin_g, cout_g = _per_group(geom)
+    k_padded = _padded_depth(geom.kernel[0] * geom.kernel[1] * cin_g, dtype, geom, cout_g)
+    return MmaPlan.of(
+        "convolution_forward_mma", geom, dtype, precision, geom.batch * math.prod(geom.out_hw),
+        cout_g, k_padded // _depth(dtype), _MAX_SPLITS,
+        (geom.out_shape, geom.layout, _cuda._ACTIVATION_AXES), geom.out_hw,
+    )._replace(k_padded=k_padded, k_padded_arg=(numpy.int32(k_padded),))
+
+
+@functools.lru_cache(maxsize=256)
+def _input_grad_plan(geom, dtype, precision, tuning):
+    cin_g, cout_g = _per_group(geom)
+    k_padded = _padded_depth(geom.kernel[0] * geom.kernel[1] * cout_g, dtype, geom, cin_g)
+    return MmaPlan.of(
+        "convolution_input_grad_mma", geom, dtype, precision,
+        geom.batch * math.prod(geom.in_hw), cin_g, k_padded // _depth(dtype), _MAX_SPLITS,
+        (geom.in_shape, geom.layout, _cuda._ACTIVATION_AXES), geom.in_hw,
+    )._replace(k_padded=k_padded, k_padded_arg=(numpy.int32(k_padded),))
+
+
+@functools.lru_cache(maxsize=256)
+def _weight_grad_plan(geom, dtype, precision, tuning):
+    cin_g, cout_g = _per_group(geom)
+    kh, kw = geom.kernel
+    pixels = geom.batch * math.prod(geom.out_hw)
+    return MmaPlan.of(
+        "convolution_weight_grad_mma", geom, dtype, precision, kh * kw * cin_g, cout_g,
+        _kernels.ceil_div(pixels, _depth(dtype)), _MAX_WEIGHT_GRAD_SPLITS,
+        (geom.weight_shape, geom.layout, _cuda._WEIGHT_AXES), (kw, cin_g))
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,17 +274,6 @@ def _padded_depth(taps, dtype, geom, cols):
         raise ValueError(f"conv2d: kernel_h*kernel_w*channels = {taps} taps per group are "
                          "too many for the tensor-core kernels")
     return k_padded
-
-
-def _chunks_fit(a, strides, channels):
-    """Whether the 16-byte loaders may read activation ``a`` (``channels``
-    per group): every chunk of ``16 // itemsize`` consecutive channels of
-    one pixel, starting at a multiple of ``16 // itemsize``, contiguous and
-    16-byte aligned."""
-    per_chunk = _CHUNK_BYTES // a.itemsize
-    return (strides[3] == 1 and channels % per_chunk == 0
-            and all(int(s) % per_chunk == 0 for s in strides[:3])
-            and _kernels.data_pointer(a) % _CHUNK_BYTES == 0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -247,7 +307,8 @@ def plan(rows, cols, groups, k_tiles, max_splits=None):
     if k_tiles == 0:  # no channels or no pixels to sum over: the blocks write zeros
         return config, 1, 1
     splits = max(1, min(_MAX_SPLITS if max_splits is None else max_splits,
-                        _kernels.ceil_div(_TARGET_BLOCKS, tiles(config)), k_tiles // _MIN_SPLIT_TILES))
+                        _kernels.ceil_div(_TARGET_BLOCKS, tiles(config)),
+                        k_tiles // _MIN_SPLIT_TILES))
     split_tiles = _kernels.ceil_div(k_tiles, splits)
     return config, _kernels.ceil_div(k_tiles, split_tiles), split_tiles
 
