@@ -45,6 +45,27 @@ BatchNorm right after subtracts each channel's batch mean, which would
 cancel it (its gradient is identically zero).  BatchNorm uses PyTorch's
 conventions: ``eps = 1e-5``, running statistics updated with momentum 0.1,
 the running variance unbiased.
+
+Mixed precision (``compute_dtype=numpy.float16``, or bfloat16, with float32
+parameters) follows ``torch.autocast``: the parameters, their gradients and
+Adam's moments stay float32 (the master weights), and each layer computes
+in the dtype of its activations:
+
+* The convolutions and the Linear layer cast their input and their weights
+  to ``compute_dtype`` (the weights afresh in every forward pass), sum their
+  products in float32, round the result to ``compute_dtype``, and widen
+  their weight gradients to float32.
+* BatchNorm, LeakyReLU, max-pooling and dropout take and return
+  ``compute_dtype``; BatchNorm's statistics, its running statistics and its
+  affine map are float32, every result rounded once to ``compute_dtype``.
+* The softmax cross-entropy takes the logits in float32.
+
+float16 gradients below ``2**-24`` flush to zero: :class:`GradScaler` scales
+the loss's gradient up before the backward pass and the parameters'
+gradients back down before Adam's step, skipping a step whose gradients
+overflowed, as ``torch.amp.GradScaler`` does.  ``dtype=numpy.float16``
+alone runs everything in float16, parameters too (the sums still in
+float32).
 """
 
 import contextlib
@@ -61,11 +82,13 @@ from .. import (
     max_pool2d_backward,
 )
 from .. import _parallel
+from .._args import is_bfloat16
+from .._kernels import accumulator_dtype
 from ..convolution._geometry import conv_output_size
 from .charts import CHART_SPECS
 
-__all__ = ["ARCHITECTURES", "PriceTrendCNN", "Adam", "softmax_cross_entropy",
-           "layer_shapes"]
+__all__ = ["ARCHITECTURES", "PriceTrendCNN", "Adam", "GradScaler",
+           "softmax_cross_entropy", "layer_shapes"]
 
 KERNEL = (5, 3)
 POOL = (2, 1)
@@ -140,6 +163,18 @@ def _architecture(model):
         ) from None
 
 
+def _floating(dtype, name):
+    """``dtype`` as a NumPy dtype, which must be a floating one (bfloat16
+    counts)."""
+    try:
+        dtype = numpy.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be a floating dtype, got {dtype!r}") from None
+    if dtype.kind != "f" and not is_bfloat16(dtype):
+        raise ValueError(f"{name} must be a floating dtype, got {dtype}")
+    return dtype
+
+
 def _xavier_uniform(rng, shape, fan_in, fan_out, xp, dtype):
     bound = math.sqrt(6.0 / (fan_in + fan_out))
     return xp.asarray(rng.uniform(-bound, bound, size=shape), dtype=dtype)
@@ -162,26 +197,58 @@ def _column_dots(a, b):
     return get_array_module(a).einsum("ij,ij->j", a, b)
 
 
+def _widened(block, scratch):
+    """``block`` where it has ``scratch``'s dtype, else its values copied
+    into ``scratch`` (so that 16-bit rows are summed in float32)."""
+    if block.dtype == scratch.dtype:
+        return block
+    scratch[...] = block
+    return scratch
+
+
 #: Rows of one block of :func:`_by_rows` hold about this many bytes per
 #: array: the few passes over a block run in the core's cache.
 _BLOCK_BYTES = 1 << 18
 
 
-def _by_rows(function, *arrays):
+def _block_rows(first):
+    """Rows per block of :func:`_by_rows`, counted in the dtype the passes
+    compute in."""
+    row_bytes = first.shape[-1] * accumulator_dtype(first.dtype).itemsize
+    return max(1, _BLOCK_BYTES // max(1, row_bytes))
+
+
+def _by_rows(function, *arrays, work=False):
     """``function(*blocks)`` over blocks of rows of the ``(rows, channels)``
     arrays, the first of which it fills.  NumPy arrays go in cache-sized
     blocks, shared among the cores as :mod:`cupyconv._parallel` shares the
     ops' work, so that the few passes over a block read memory once; CuPy
-    arrays in one piece."""
+    arrays in one piece.
+
+    With ``work``, ``function(work, *blocks)`` also gets a block to compute
+    in, of the first array's accumulator dtype: the first array's own block
+    where that is its dtype, else scratch, so that a 16-bit result is
+    computed in float32 and rounded once, when stored."""
     first = arrays[0]
+    wide = accumulator_dtype(first.dtype)
     if get_array_module(first) is not numpy:
+        if work:
+            arrays = (first if first.dtype == wide else
+                      get_array_module(first).empty(first.shape, wide),) + arrays
         function(*arrays)
         return
-    step = max(1, _BLOCK_BYTES // max(1, first.strides[0]))
+    step = _block_rows(first)
 
     def blocks(lo, hi):
+        scratch = None
+        if work and first.dtype != wide:
+            scratch = numpy.empty((min(step, hi - lo),) + first.shape[1:], wide)
         for start in range(lo, hi, step):
-            function(*(a[start:min(start + step, hi)] for a in arrays))
+            stop = min(start + step, hi)
+            parts = [a[start:stop] for a in arrays]
+            if work:
+                parts.insert(0, parts[0] if scratch is None else scratch[:stop - start])
+            function(*parts)
 
     _parallel.for_each_range(blocks, len(first), first.nbytes * len(arrays))
 
@@ -189,18 +256,20 @@ def _by_rows(function, *arrays):
 def _sums_by_rows(function, *arrays):
     """Sums over the blocks of :func:`_by_rows` of the per-channel vectors
     that ``function(scratch, *blocks)`` returns, ``scratch`` an array of a
-    block's shape to work in; the same on every run (the per-core sums are
-    added in order).  Summing per block, then the blocks' sums, also keeps
-    float32 rounding errors far below those of one running sum over all
-    rows (which grow with their number)."""
+    block's shape, in the first array's accumulator dtype, to work in; the
+    same on every run (the per-core sums are added in order).  Summing per
+    block, then the blocks' sums, also keeps float32 rounding errors far
+    below those of one running sum over all rows (which grow with their
+    number)."""
     first = arrays[0]
+    wide = accumulator_dtype(first.dtype)
     if get_array_module(first) is not numpy or len(first) == 0:
-        return function(get_array_module(first).empty_like(first), *arrays)
-    step = max(1, _BLOCK_BYTES // max(1, first.strides[0]))
+        return function(get_array_module(first).empty(first.shape, wide), *arrays)
+    step = _block_rows(first)
     partial = {}
 
     def blocks(lo, hi):
-        scratch = numpy.empty((min(step, hi - lo),) + first.shape[1:], first.dtype)
+        scratch = numpy.empty((min(step, hi - lo),) + first.shape[1:], wide)
         sums = None
         for start in range(lo, hi, step):
             stop = min(start + step, hi)
@@ -226,24 +295,32 @@ class Layer:
 
 
 class Conv2d(Layer):
-    """Convolution without bias; weight ``(kh, kw, C_in, C_out)``."""
+    """Convolution without bias; weight ``(kh, kw, C_in, C_out)``.  Input
+    and weight are cast to ``compute_dtype``; the gradients come back in
+    the dtypes of the input and the weight."""
 
-    def __init__(self, c_in, c_out, *, stride, padding, dilation, rng, xp, dtype):
+    def __init__(self, c_in, c_out, *, stride, padding, dilation, rng, xp, dtype,
+                 compute_dtype):
         super().__init__()
         taps = KERNEL[0] * KERNEL[1]
         self.params = {"weight": _xavier_uniform(
             rng, KERNEL + (c_in, c_out), taps * c_in, taps * c_out, xp, dtype)}
         self.geometry = dict(stride=stride, padding=padding, dilation=dilation)
+        self.compute_dtype = compute_dtype
 
     def forward(self, x, training):
-        self.x = x
-        return conv2d(x, self.params["weight"], **self.geometry)
+        self.input_dtype = x.dtype
+        self.x = x.astype(self.compute_dtype, copy=False)
+        self.w = self.params["weight"].astype(self.compute_dtype, copy=False)
+        return conv2d(self.x, self.w, **self.geometry)
 
     def backward(self, grad, input_gradient=True):
-        w = self.params["weight"]
-        self.grads["weight"] = conv2d_weight(self.x, w.shape, grad, **self.geometry)
+        weight = self.params["weight"]
+        self.grads["weight"] = conv2d_weight(self.x, weight.shape, grad, **self.geometry
+                                             ).astype(weight.dtype, copy=False)
         if input_gradient:
-            return conv2d_input(self.x.shape, w, grad, **self.geometry)
+            return conv2d_input(self.x.shape, self.w, grad, **self.geometry
+                                ).astype(self.input_dtype, copy=False)
         return None
 
 
@@ -255,6 +332,8 @@ class BatchNorm(Layer):
     The arrays are seen as ``(rows, channels)`` and every pass goes over
     cache-sized blocks of rows shared among the cores (:func:`_by_rows`):
     one pass for the mean, one for the variance, one for the output.
+    16-bit arrays are computed on in float32 (their accumulator dtype),
+    and the output and input gradient rounded once.
     """
 
     def __init__(self, channels, *, xp, dtype, momentum=0.1, eps=1e-5):
@@ -269,7 +348,8 @@ class BatchNorm(Layer):
         self.rows = rows = _as_rows(x)
         count = len(rows)
         if training:
-            (mean,) = _sums_by_rows(lambda scratch, r: (_column_sums(r),), rows)
+            (mean,) = _sums_by_rows(
+                lambda scratch, r: (_column_sums(_widened(r, scratch)),), rows)
             mean /= count
 
             def squares(scratch, r):
@@ -278,22 +358,26 @@ class BatchNorm(Layer):
 
             (var,) = _sums_by_rows(squares, rows)
             var /= count
-            m = self.momentum
-            self.running_mean = (1 - m) * self.running_mean + m * mean
-            self.running_var = (1 - m) * self.running_var + m * var * (count / (count - 1))
+            m = self.momentum  # in place: the statistics keep their dtype
+            self.running_mean *= 1 - m
+            self.running_mean += m * mean
+            self.running_var *= 1 - m
+            self.running_var += m * var * (count / (count - 1))
         else:
-            mean, var = self.running_mean, self.running_var
+            wide = accumulator_dtype(x.dtype)
+            mean = self.running_mean.astype(wide, copy=False)
+            var = self.running_var.astype(wide, copy=False)
         self.mean, self.inv_std = mean, 1 / (var + self.eps) ** 0.5
         # y = weight * x_hat + bias with x_hat = (x - mean) * inv_std
         scale, bias = self.params["weight"] * self.inv_std, self.params["bias"]
 
-        def affine(y, r):
-            xp.subtract(r, mean, out=y)
-            y *= scale
-            y += bias
+        def affine(work, y, r):
+            xp.subtract(r, mean, out=work)
+            work *= scale
+            xp.add(work, bias, out=y)
 
         y = xp.empty(rows.shape, rows.dtype)
-        _by_rows(affine, y, rows)
+        _by_rows(affine, y, rows, work=True)
         return y.reshape(x.shape)
 
     def backward(self, grad):
@@ -307,24 +391,26 @@ class BatchNorm(Layer):
 
         def moments(scratch, g, r):
             centered = xp.subtract(r, mean, out=scratch)
-            return _column_sums(g), _column_dots(g, centered)
+            grad_dot_centered = _column_dots(g, centered)
+            return _column_sums(_widened(g, scratch)), grad_dot_centered
 
         grad_sum, grad_dot_centered = _sums_by_rows(moments, g_rows, self.rows)
-        self.grads["bias"] = grad_sum
-        self.grads["weight"] = grad_dot_centered * self.inv_std
+        dtype = self.params["weight"].dtype
+        self.grads["bias"] = grad_sum.astype(dtype, copy=False)
+        self.grads["weight"] = (grad_dot_centered * self.inv_std).astype(dtype, copy=False)
         mean_grad = grad_sum / count
         per_centered = self.inv_std ** 2 * grad_dot_centered / count
         scale = self.params["weight"] * self.inv_std
 
-        def input_grad(out, g, r):
-            xp.subtract(r, mean, out=out)
-            out *= per_centered
-            xp.subtract(g, out, out=out)
-            out -= mean_grad
-            out *= scale
+        def input_grad(work, out, g, r):
+            xp.subtract(r, mean, out=work)
+            work *= per_centered
+            xp.subtract(g, work, out=work)
+            work -= mean_grad
+            xp.multiply(work, scale, out=out)
 
         grad_x = xp.empty(g_rows.shape, g_rows.dtype)
-        _by_rows(input_grad, grad_x, g_rows, self.rows)
+        _by_rows(input_grad, grad_x, g_rows, self.rows, work=True)
         return grad_x.reshape(grad.shape)
 
 
@@ -336,9 +422,10 @@ class LeakyReLU(Layer):
     def forward(self, x, training):
         xp = get_array_module(x)
         self.x = x
+        slope = accumulator_dtype(x.dtype).type(LEAKY_SLOPE)  # 16-bit x: slope * x in float32
 
         def leaky(y, x):
-            xp.multiply(x, LEAKY_SLOPE, out=y)
+            xp.multiply(x, slope, out=y)
             xp.maximum(x, y, out=y)
 
         y = xp.empty(x.shape, x.dtype)
@@ -347,11 +434,12 @@ class LeakyReLU(Layer):
 
     def backward(self, grad):
         xp = get_array_module(grad)
+        wide = accumulator_dtype(grad.dtype)
 
         def leaky_grad(out, g, x):
             # g * (1 where x > 0, else slope), the factor made from the signs:
             # several times faster than copyto(..., where=x > 0).
-            factor = (x > 0).astype(x.dtype)
+            factor = (x > 0).astype(wide)
             factor *= 1 - LEAKY_SLOPE
             factor += LEAKY_SLOPE
             xp.multiply(g, factor, out=out)
@@ -397,7 +485,7 @@ class Dropout(Layer):
         if not training or self.p == 0:
             self.mask = None
             return x
-        keep = self.rng.random(x.shape, dtype=x.dtype) >= self.p
+        keep = self.rng.random(x.shape, dtype=accumulator_dtype(x.dtype)) >= self.p
         self.mask = keep.astype(x.dtype) / (1 - self.p)
         return x * self.mask
 
@@ -406,31 +494,51 @@ class Dropout(Layer):
 
 
 class Linear(Layer):
-    """``x @ weight + bias`` with weight ``(features_in, features_out)``.
+    """``x @ weight + bias`` with weight ``(features_in, features_out)``,
+    input and parameters cast to ``compute_dtype`` (:func:`_matmul`); the
+    gradients come back in the dtypes of the input and the parameters.
     The products are a few MFLOP: BLAS runs them on one thread (see
     :func:`cupyconv._parallel.single_threaded_blas`)."""
 
-    def __init__(self, n_in, n_out, *, rng, xp, dtype):
+    def __init__(self, n_in, n_out, *, rng, xp, dtype, compute_dtype):
         super().__init__()
         self.params = {"weight": _xavier_uniform(rng, (n_in, n_out), n_in, n_out, xp, dtype),
                        "bias": xp.zeros(n_out, dtype)}
+        self.compute_dtype = compute_dtype
 
     def forward(self, x, training):
-        self.x = x
+        self.input_dtype = x.dtype
+        self.x = x.astype(self.compute_dtype, copy=False)
+        self.w = self.params["weight"].astype(self.compute_dtype, copy=False)
+        bias = self.params["bias"].astype(self.compute_dtype, copy=False)
         with _small_products(x):
-            return x @ self.params["weight"] + self.params["bias"]
+            return _matmul(self.x, self.w) + bias
 
     def backward(self, grad):
+        grad = grad.astype(self.compute_dtype, copy=False)
+        dtype = self.params["weight"].dtype
         with _small_products(grad):
-            self.grads["weight"] = self.x.T @ grad
-            self.grads["bias"] = grad.sum(axis=0)
-            return grad @ self.params["weight"].T
+            self.grads["weight"] = _matmul(self.x.T, grad).astype(dtype, copy=False)
+            self.grads["bias"] = grad.sum(axis=0, dtype=accumulator_dtype(grad.dtype)
+                                          ).astype(dtype, copy=False)
+            return _matmul(grad, self.w.T).astype(self.input_dtype, copy=False)
 
 
 def _small_products(a):
     if get_array_module(a) is numpy:
         return _parallel.single_threaded_blas()
     return contextlib.nullcontext()
+
+
+def _matmul(a, b):
+    """``a @ b`` of arrays of one dtype, summed in its accumulator dtype and
+    rounded once: 16-bit NumPy operands are widened to float32 for BLAS
+    (NumPy has no fast 16-bit product); cuBLAS sums 16-bit products in
+    float32 itself."""
+    wide = accumulator_dtype(a.dtype)
+    if wide == a.dtype or get_array_module(a) is not numpy:
+        return a @ b
+    return (a.astype(wide) @ b.astype(wide)).astype(a.dtype)
 
 
 class PriceTrendCNN:
@@ -443,7 +551,14 @@ class PriceTrendCNN:
     xp : module, optional
         ``numpy`` (CPU) or ``cupy`` (GPU): where the parameters live.
     dtype : dtype, optional
-        Floating dtype of parameters and activations.
+        Floating dtype of the parameters, their gradients and Adam's moments;
+        also of the activations unless ``compute_dtype`` is given.
+    compute_dtype : dtype, optional
+        Floating dtype of the activations and of the convolutions' and the
+        Linear layer's products, no wider than ``dtype``: ``numpy.float16``
+        (or ``ml_dtypes.bfloat16``) with float32 parameters is mixed
+        precision, as under ``torch.autocast`` (see the module docstring;
+        train float16 with a :class:`GradScaler`).  Default: ``dtype``.
     seed : int, optional
         Seeds the initial weights and the dropout masks.
     dropout : float, optional
@@ -457,7 +572,9 @@ class PriceTrendCNN:
     Raises
     ------
     ValueError
-        If ``model`` is unknown or ``dropout`` is outside ``[0, 1)``.
+        If ``model`` is unknown, ``dropout`` is outside ``[0, 1)``, ``dtype``
+        or ``compute_dtype`` is not a floating dtype, or ``compute_dtype``
+        is wider than ``dtype``.
 
     Examples
     --------
@@ -474,23 +591,42 @@ class PriceTrendCNN:
     (4, 32, 15, 1)
     >>> [name for name, _, _ in net.parameters()][:3]
     ['block1.conv.weight', 'block1.bn.weight', 'block1.bn.bias']
+
+    Mixed precision: float16 activations, float32 parameters and gradients.
+
+    >>> mixed = PriceTrendCNN("5day", compute_dtype=np.float16, seed=0)
+    >>> logits = mixed.forward(images.astype(np.float32), training=True)
+    >>> logits.dtype
+    dtype('float16')
+    >>> loss, grad = softmax_cross_entropy(logits, np.array([0, 1, 1, 0]))
+    >>> loss.dtype, mixed.backward(grad).dtype  # loss in float32, as the images
+    (dtype('float32'), dtype('float32'))
+    >>> sorted({g.dtype.name for _, _, g in mixed.parameters()})
+    ['float32']
     """
 
-    def __init__(self, model="5day", *, xp=numpy, dtype=numpy.float32, seed=0,
-                 dropout=0.5):
+    def __init__(self, model="5day", *, xp=numpy, dtype=numpy.float32, compute_dtype=None,
+                 seed=0, dropout=0.5):
         blocks = _architecture(model)
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.model, self.xp, self.dtype = model, xp, numpy.dtype(dtype)
+        self.model, self.xp = model, xp
+        self.dtype = _floating(dtype, "dtype")
+        self.compute_dtype = (self.dtype if compute_dtype is None
+                              else _floating(compute_dtype, "compute_dtype"))
+        if self.compute_dtype.itemsize > self.dtype.itemsize:
+            raise ValueError(f"compute_dtype must be no wider than dtype ({self.dtype}), "
+                             f"got {self.compute_dtype}")
         init_rng = numpy.random.default_rng([seed, 0])  # a stream apart from dropout's
         made = dict(xp=xp, dtype=self.dtype)
+        cast = dict(made, compute_dtype=self.compute_dtype)
         self.layers = []
         c_in = 1
         for k, block in enumerate(blocks, 1):
             geometry = {key: block[key] for key in ("stride", "padding", "dilation")}
             self.layers += [
                 (f"block{k}.conv", Conv2d(c_in, block["channels"], rng=init_rng,
-                                          **geometry, **made)),
+                                          **geometry, **cast)),
                 (f"block{k}.bn", BatchNorm(block["channels"], **made)),
                 (f"block{k}.act", LeakyReLU()),
                 (f"block{k}.pool", MaxPool()),
@@ -500,26 +636,36 @@ class PriceTrendCNN:
         self.layers += [
             ("flatten", Flatten()),
             ("dropout", Dropout(dropout, xp.random.default_rng(seed))),
-            ("fc", Linear(features, 2, rng=init_rng, **made)),
+            ("fc", Linear(features, 2, rng=init_rng, **cast)),
         ]
 
     def forward(self, x, training):
-        """Logits ``(N, 2)`` of images ``x`` ``(N, H, W, 1)``; ``training``
-        selects batch statistics and dropout (and records what backward needs)."""
+        """Logits ``(N, 2)``, of ``compute_dtype``, of images ``x`` ``(N, H,
+        W, 1)``; ``training`` selects batch statistics and dropout (and
+        records what backward needs)."""
         for _, layer in self.layers:
             x = layer.forward(x, training)
         return x
 
     def backward(self, grad_logits, input_gradient=True):
-        """Fill every layer's ``grads`` from ``d loss / d logits`` after a
-        training-mode forward; return ``d loss / d images``, or None without
+        """Fill every layer's ``grads`` (of ``dtype``) from ``d loss / d
+        logits`` after a training-mode forward; return ``d loss / d images``
+        (of the images' dtype), or None without
         ``input_gradient`` (training needs none: the first convolution then
         skips its input gradient)."""
         grad = grad_logits
         (_, first), *rest = self.layers
-        for _, layer in reversed(rest):
-            grad = layer.backward(grad)
-        return first.backward(grad, input_gradient=input_gradient)
+        with self._overflow_allowed():
+            for _, layer in reversed(rest):
+                grad = layer.backward(grad)
+            return first.backward(grad, input_gradient=input_gradient)
+
+    def _overflow_allowed(self):
+        """16-bit gradients scaled by a :class:`GradScaler` overflow to inf
+        now and then: no NumPy warning, the scaler skips that step."""
+        if self.compute_dtype.itemsize > 2:
+            return contextlib.nullcontext()
+        return numpy.errstate(over="ignore")
 
     def parameters(self):
         """``(name, value, gradient)`` for every parameter, e.g.
@@ -536,7 +682,8 @@ def softmax_cross_entropy(logits, labels):
     Parameters
     ----------
     logits : ndarray
-        ``(N, classes)``.
+        ``(N, classes)``; 16-bit logits are taken in float32, as
+        ``torch.autocast`` runs the loss.
     labels : ndarray
         ``(N,)`` integers in ``[0, classes)``.
 
@@ -545,7 +692,8 @@ def softmax_cross_entropy(logits, labels):
     loss : 0-d ndarray
         ``mean(logsumexp(logits) - logits[label])``.
     grad : ndarray
-        ``d loss / d logits = (softmax(logits) - onehot(labels)) / N``.
+        ``d loss / d logits = (softmax(logits) - onehot(labels)) / N``, of
+        the loss's dtype.
 
     Examples
     --------
@@ -555,6 +703,7 @@ def softmax_cross_entropy(logits, labels):
     (0.693147, array([[ 0.5, -0.5]]))
     """
     xp = get_array_module(logits)
+    logits = logits.astype(accumulator_dtype(logits.dtype), copy=False)
     n = logits.shape[0]
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
@@ -609,3 +758,139 @@ class Adam:
             v *= b2
             v += (1 - b2) * grad * grad
             value -= lr_t * m / (self.model.xp.sqrt(v) / root_correction + self.eps)
+
+
+class GradScaler:
+    """Dynamic loss scaling for float16 gradients, as ``torch.amp.GradScaler``.
+
+    float16 gradients smaller than ``2**-24`` flush to zero.  The scaler
+    multiplies ``d loss / d logits`` by a factor ``S`` before the backward
+    pass (:meth:`scale`), so that every gradient computed in float16 is
+    ``S`` times larger, and divides the parameters' float32 gradients by
+    ``S`` before the optimizer's step (:meth:`step`).  A step whose
+    gradients hold an inf or a nan (a float16 gradient overflowed) is
+    skipped, and :meth:`update` multiplies ``S`` by ``backoff_factor``;
+    after ``growth_interval`` steps in a row without one it multiplies
+    ``S`` by ``growth_factor``.  Disabled (``enabled=False``), it passes
+    the gradient through and always steps, so that one training loop
+    serves every precision.
+
+    Parameters
+    ----------
+    init_scale : float, optional
+        The first ``S``; ``2**16``, as PyTorch's.
+    growth_factor : float, optional
+        Above 1.
+    backoff_factor : float, optional
+        In ``(0, 1)``.
+    growth_interval : int, optional
+        At least 1.
+    enabled : bool, optional
+
+    Raises
+    ------
+    ValueError
+        For a factor or interval outside those ranges, or a non-positive
+        ``init_scale``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> net = PriceTrendCNN("5day", compute_dtype=np.float16, seed=0, dropout=0)
+    >>> opt, scaler = Adam(net, lr=1e-3), GradScaler()
+    >>> x = np.random.default_rng(0).random((8, 32, 15, 1), np.float32)
+    >>> y = np.arange(8) % 2
+    >>> taken = []
+    >>> for _ in range(3):
+    ...     loss, grad = softmax_cross_entropy(net.forward(x, training=True), y)
+    ...     _ = net.backward(scaler.scale(grad), input_gradient=False)
+    ...     taken.append(scaler.step(opt))
+    ...     scaler.update()
+    >>> taken, scaler.get_scale()  # 2**16 times the gradients overflowed float16
+    ([False, True, True], 32768.0)
+    """
+
+    def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
+                 growth_interval=2000, enabled=True):
+        if not 0 < init_scale < math.inf:
+            raise ValueError(f"init_scale must be positive and finite, got {init_scale!r}")
+        if not growth_factor > 1:
+            raise ValueError(f"growth_factor must be above 1, got {growth_factor!r}")
+        if not 0 < backoff_factor < 1:
+            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
+        if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) \
+                or growth_interval < 1:
+            raise ValueError(f"growth_interval must be an int >= 1, got {growth_interval!r}")
+        self.growth_factor, self.backoff_factor = float(growth_factor), float(backoff_factor)
+        self.growth_interval, self.enabled = growth_interval, bool(enabled)
+        self._scale = float(init_scale)
+        self._good_steps = 0  # steps in a row without an inf or nan
+        self._found_inf = None  # of the last step, until update()
+
+    def get_scale(self):
+        """The current ``S`` (1.0 when disabled)."""
+        return self._scale if self.enabled else 1.0
+
+    def scale(self, grad):
+        """``grad`` (``d loss / d logits``) times ``S``."""
+        return grad * self._scale if self.enabled else grad
+
+    def step(self, optimizer):
+        """Divide the gradients of ``optimizer.model``'s parameters by ``S``
+        (in place), then call ``optimizer.step()`` unless one of them holds
+        an inf or a nan.  Returns whether the step was taken.
+
+        Raises
+        ------
+        ValueError
+            If a parameter has no gradient, or a 16-bit one (unscaling it
+            would flush it to zero again: keep the parameters float32 and
+            set ``compute_dtype``).
+        """
+        if not self.enabled:
+            optimizer.step()
+            return True
+        model = optimizer.model
+        grads = []
+        for name, _, grad in model.parameters():
+            if grad is None:
+                raise ValueError(f"parameter {name} has no gradient: run backward first")
+            if accumulator_dtype(grad.dtype) != grad.dtype:
+                raise ValueError(f"parameter {name} has a {grad.dtype} gradient: scaled "
+                                 f"16-bit gradients cannot be unscaled without underflow")
+            grads.append(grad)
+        inverse = 1.0 / self._scale
+        for grad in grads:
+            grad *= inverse
+        xp = model.xp
+        self._found_inf = not bool(xp.stack([xp.isfinite(g).all() for g in grads]).all())
+        if not self._found_inf:
+            optimizer.step()
+        return not self._found_inf
+
+    def update(self):
+        """Adjust ``S`` after a :meth:`step`: times ``backoff_factor`` if it
+        found an inf or nan, times ``growth_factor`` after
+        ``growth_interval`` good steps in a row (while ``S`` stays a finite
+        float32).
+
+        Raises
+        ------
+        RuntimeError
+            If no :meth:`step` came since the last update.
+        """
+        if not self.enabled:
+            return
+        if self._found_inf is None:
+            raise RuntimeError("GradScaler.update() needs a step() first")
+        if self._found_inf:
+            self._scale *= self.backoff_factor
+            self._good_steps = 0
+        else:
+            self._good_steps += 1
+            if self._good_steps == self.growth_interval:
+                grown = self._scale * self.growth_factor
+                if grown <= numpy.finfo(numpy.float32).max:
+                    self._scale = grown
+                self._good_steps = 0
+        self._found_inf = None
