@@ -381,3 +381,302 @@ def test_batchnorm_and_leaky_relu_by_row_blocks(block_bytes, monkeypatch):
     close(bn.grads["weight"], (grad_z * x_hat).sum(axis=axes), "weight gradient")
     close(bn.grads["bias"], grad_z.sum(axis=axes), "bias gradient")
     close(bn.running_var, 0.9 + 0.1 * var * count / (count - 1), "running_var")
+
+
+# --- mixed precision -------------------------------------------------------
+
+F16 = numpy.float16
+
+
+def _rel(a, b):
+    """max |a - b| / max |b|, in float64."""
+    b = numpy.asarray(b, numpy.float64)
+    return float(numpy.abs(numpy.asarray(a, numpy.float64) - b).max() / numpy.abs(b).max())
+
+
+def _rel_norm(a, b):
+    """||a - b|| / ||b|| (Frobenius), in float64."""
+    a, b = (numpy.asarray(v, numpy.float64).ravel() for v in (a, b))
+    return float(numpy.linalg.norm(a - b) / numpy.linalg.norm(b))
+
+
+def _noisy_charts(n, arch, seed):
+    """Charts as float32 images with a little noise (no max-pool ties), labels."""
+    c = charts.make_charts(n, arch, seed=seed)
+    rng = numpy.random.default_rng(seed)
+    images = c.images[..., None] / numpy.float32(255)
+    images += numpy.float32(0.01) * rng.standard_normal(images.shape, numpy.float32)
+    return images, c.labels
+
+
+def _torch_grads(torch, layers, net):
+    """The twin's parameter gradients in our layouts, by our names."""
+    theirs = dict(layers.named_parameters())
+    h, w, c = model.layer_shapes(net.model)[-2][1]
+    grads = {}
+    for name, _, _ in net.parameters():
+        t = theirs[name.replace(".", "_", 1) if name.startswith("block") else name]
+        g = t.grad.numpy()
+        if t.ndim == 4:  # OIHW -> HWIO
+            g = g.transpose(2, 3, 1, 0)
+        elif name == "fc.weight":  # (2, c*h*w) -> (h*w*c, 2)
+            g = g.reshape(2, c, h, w).transpose(2, 3, 1, 0).reshape(-1, 2)
+        grads[name] = g
+    return grads
+
+
+def test_mixed_precision_matches_torch_autocast():
+    """One training step of the float16 mixed-precision model against the
+    same network in PyTorch under ``torch.autocast("cpu", float16)`` with a
+    ``torch.amp.GradScaler``, same weights and dropout mask: loss, logits
+    and every (unscaled, float32) gradient agree far more closely than
+    either agrees with the float32 model, whose gradients differ by a few
+    percent.  (Gradients are compared norm-wise: a max-pool window whose
+    two rows tie within a float16 rounding may pick either row.)  Adam
+    then updates the float32 master weights, from which the next forward
+    pass casts its float16 weights."""
+    torch = pytest.importorskip("torch")
+    from cupyconv.bench import trainstep
+
+    images, labels = _noisy_charts(4, "5day", seed=1)
+    uniform = numpy.random.default_rng(2).random((4, model.layer_shapes("5day")[-1][1][0]))
+    net = model.PriceTrendCNN("5day", seed=3, compute_dtype=F16)
+    full = model.PriceTrendCNN("5day", seed=3)
+    twin = model.PriceTrendCNN("5day", seed=3)
+    layers, torch_opt = trainstep.torch_twin(torch, twin, lr=1e-3)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    y = torch.from_numpy(labels.astype(numpy.int64))
+    # A scale small enough that no float16 gradient overflows: a step to compare.
+    scaler = model.GradScaler(init_scale=2.0 ** 10)
+    before = {name: value.copy() for name, value, _ in net.parameters()}
+    with trainstep.fixed_dropout(net, uniform), trainstep.fixed_dropout(full, uniform), \
+            trainstep.fixed_dropout(twin, uniform, torch, layers):
+        torch_loss, torch_logits = trainstep.torch_step(
+            torch, layers, torch_opt, x, y, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+        loss, logits = trainstep.cupyconv_step(net, model.Adam(net, lr=1e-3), images, labels,
+                                               scaler)
+        _, full_logits = trainstep.cupyconv_step(full, model.Adam(full), images, labels)
+
+    assert logits.dtype == F16 and torch_logits.dtype == torch.float16
+    assert loss.dtype == numpy.float32
+    assert abs(float(loss) - torch_loss.item()) < 1e-4
+    assert _rel(logits, torch_logits.detach().float().numpy()) < 2e-4
+    assert 2e-4 < _rel(full_logits, logits) < 5e-3  # float16 rounding shows
+    theirs = _torch_grads(torch, layers, net)
+    full_grads = {name: g for name, _, g in full.parameters()}
+    worst_full = 0.0
+    for name, value, grad in net.parameters():
+        assert value.dtype == grad.dtype == numpy.float32, name
+        assert _rel_norm(grad, theirs[name]) < 5e-3, name
+        worst_full = max(worst_full, _rel_norm(full_grads[name], theirs[name]))
+    assert worst_full > 1e-2  # so the bound above tells float16 from float32
+    # Adam's first step moves each master weight by lr * g / (|g| + eps).
+    for name, value, grad in net.parameters():
+        expected = before[name] - 1e-3 * grad / (numpy.abs(grad) + 1e-8)
+        numpy.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-9, err_msg=name)
+    net.forward(images, training=False)
+    conv = dict(net.layers)["block1.conv"]
+    assert conv.w.dtype == F16
+    numpy.testing.assert_array_equal(conv.w, conv.params["weight"].astype(F16))
+
+
+def test_mixed_precision_dtypes_layer_by_layer():
+    """Activations and their gradients are float16 between the layers; the
+    BatchNorm statistics, every parameter and gradient stay float32."""
+    images, labels = _noisy_charts(3, "5day", seed=4)
+    net = model.PriceTrendCNN("5day", seed=0, compute_dtype=F16)
+    x = images
+    for name, layer in net.layers:
+        x = layer.forward(x, training=True)
+        assert x.dtype == F16, name
+    bn = dict(net.layers)["block1.bn"]
+    assert bn.mean.dtype == bn.inv_std.dtype == bn.running_var.dtype == numpy.float32
+    _, grad = model.softmax_cross_entropy(x, labels)
+    assert grad.dtype == numpy.float32
+    assert net.backward(grad).dtype == numpy.float32  # the images' dtype
+    for name, value, g in net.parameters():
+        assert value.dtype == g.dtype == numpy.float32, name
+
+
+@pytest.mark.parametrize("block_bytes", [1 << 10, 1 << 40], ids=["tiny", "whole"])
+def test_batchnorm_and_leaky_relu_in_float16_round_once(block_bytes, monkeypatch):
+    """float16 BatchNorm (float32 parameters) and LeakyReLU compute in
+    float32 and round once: the output and the input gradient are the
+    float64 formulas' values of the float16 inputs, each correctly rounded
+    to float16 (within a float32 rounding of it); the statistics and
+    parameter gradients are float32."""
+    monkeypatch.setattr(model, "_BLOCK_BYTES", block_bytes)
+    rng = numpy.random.default_rng(6)
+    x = (3 + 2 * rng.standard_normal((8, 20, 11, 16))).astype(F16)
+    g = rng.standard_normal(x.shape).astype(F16)
+    weight = rng.uniform(0.5, 2, 16).astype(numpy.float32)
+    bias = rng.standard_normal(16).astype(numpy.float32)
+    bn = model.BatchNorm(16, xp=numpy, dtype=numpy.float32)
+    bn.params.update(weight=weight, bias=bias)
+    y = bn.forward(x, training=True)
+    grad_x = bn.backward(g)
+
+    x64, g64 = x.astype(numpy.float64), g.astype(numpy.float64)
+    axes, count = (0, 1, 2), x.size // 16
+    mean, var = x64.mean(axis=axes), x64.var(axis=axes)
+    x_hat = (x64 - mean) / numpy.sqrt(var + 1e-5)
+    expected_grad_x = weight / numpy.sqrt(var + 1e-5) / count * (
+        count * g64 - g64.sum(axis=axes) - x_hat * (g64 * x_hat).sum(axis=axes))
+
+    def rounded_once(ours, exact):
+        assert ours.dtype == F16
+        # Round to nearest: within half a float16 unit (2**-11 relative),
+        # plus float32 arithmetic error; a second rounding would exceed it.
+        err = numpy.abs(ours.astype(numpy.float64) - exact)
+        assert (err <= 2.0 ** -11 * numpy.abs(exact) * (1 + 1e-3) + 1e-5 * numpy.abs(exact).max()
+                ).all()
+        assert (ours == exact.astype(F16)).mean() > 0.99
+
+    rounded_once(y, weight * x_hat + bias)
+    rounded_once(grad_x, expected_grad_x)
+    for got, expected in ((bn.grads["weight"], (g64 * x_hat).sum(axis=axes)),
+                          (bn.grads["bias"], g64.sum(axis=axes)),
+                          (bn.running_var, 0.9 + 0.1 * var * count / (count - 1))):
+        assert got.dtype == numpy.float32
+        numpy.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * numpy.abs(expected).max())
+
+    act = model.LeakyReLU()
+    out = act.forward(y, training=True)
+    y32 = y.astype(numpy.float32)
+    numpy.testing.assert_array_equal(
+        out, numpy.where(y32 > 0, y32, numpy.float32(0.01) * y32).astype(F16))
+    back = act.backward(g)
+    numpy.testing.assert_array_equal(
+        back, (g.astype(numpy.float32) * numpy.where(y32 > 0, 1, numpy.float32(0.01))).astype(F16))
+
+
+class _FakeModel:
+    """Parameters and gradients for an optimizer, without layers."""
+
+    xp = numpy
+
+    def __init__(self, grads):
+        self.values = {name: numpy.ones_like(g) for name, g in grads.items()}
+        self.grads = grads
+
+    def parameters(self):
+        return [(name, self.values[name], self.grads[name]) for name in self.values]
+
+
+def _scaled_step(scaler, grads):
+    """One step of a scaler over float32 gradients ``grads`` (times its
+    scale, as after a scaled backward pass): ``(taken, adam, fake model)``."""
+    fake = _FakeModel({name: (g * scaler.get_scale()).astype(numpy.float32)
+                       for name, g in grads.items()})
+    adam = model.Adam(fake, lr=0.1)
+    taken = scaler.step(adam)
+    scaler.update()
+    return taken, adam, fake
+
+
+def test_grad_scaler_skips_a_step_with_inf_or_nan_and_backs_off():
+    scaler = model.GradScaler(growth_interval=3)
+    assert scaler.get_scale() == 2.0 ** 16
+    good = {"a": numpy.array([1.0, -2.0]), "b": numpy.array([0.5])}
+    taken, adam, fake = _scaled_step(scaler, good)
+    assert taken and adam.t == 1
+    numpy.testing.assert_array_equal(fake.grads["a"], [1.0, -2.0])  # unscaled in place
+    numpy.testing.assert_allclose(fake.values["a"], [0.9, 1.1])  # Adam's first step: lr
+    for bad in (numpy.inf, -numpy.inf, numpy.nan):
+        taken, adam, fake = _scaled_step(scaler, dict(good, b=numpy.array([bad])))
+        assert not taken and adam.t == 0
+        numpy.testing.assert_array_equal(fake.values["a"], [1.0, 1.0])  # untouched
+    assert scaler.get_scale() == 2.0 ** 13
+    # Growth after growth_interval good steps in a row; an inf resets the count.
+    _scaled_step(scaler, good), _scaled_step(scaler, good)
+    _scaled_step(scaler, dict(good, a=numpy.array([numpy.inf, 0.0])))
+    assert scaler.get_scale() == 2.0 ** 12
+    for k in range(3):
+        assert scaler.get_scale() == 2.0 ** 12
+        assert _scaled_step(scaler, good)[0]
+    assert scaler.get_scale() == 2.0 ** 13
+
+
+def test_grad_scaler_disabled_and_bad_use():
+    off = model.GradScaler(enabled=False)
+    grad = numpy.array([[0.25, -0.25]], numpy.float32)
+    assert off.scale(grad) is grad and off.get_scale() == 1.0
+    with numpy.errstate(invalid="ignore"):  # Adam's inf / inf
+        taken, adam, fake = _scaled_step(off, {"a": numpy.array([numpy.inf])})
+    assert taken and adam.t == 1 and numpy.isnan(fake.values["a"]).all()  # plain Adam
+    assert model.GradScaler(init_scale=8.0).scale(grad).tolist() == [[2.0, -2.0]]
+    for bad in (dict(init_scale=0), dict(init_scale=numpy.inf), dict(growth_factor=1.0),
+                dict(backoff_factor=1.0), dict(backoff_factor=0), dict(growth_interval=0),
+                dict(growth_interval=2.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            model.GradScaler(**bad)
+    scaler = model.GradScaler()
+    with pytest.raises(RuntimeError, match="step"):
+        scaler.update()
+    with pytest.raises(ValueError, match="a has a float16 gradient"):
+        scaler.step(model.Adam(_FakeModel({"a": numpy.ones(2, F16)})))
+    net = model.PriceTrendCNN("5day", compute_dtype=F16)
+    with pytest.raises(ValueError, match="block1.conv.weight has no gradient"):
+        scaler.step(model.Adam(net))
+
+
+def test_mixed_precision_training_improves_loss():
+    """The demo's training loop with float16 compute: the loss falls, a
+    GradScaler runs (its first scale overflows float16 and is halved), the
+    parameters stay float32."""
+    result = train.train(charts.make_charts(96, "5day", seed=10),
+                         charts.make_charts(32, "5day", seed=11),
+                         epochs=3, batch_size=32, lr=1e-3, seed=0, compute_dtype=F16)
+    losses = [e["train_loss"] for e in result.epochs]
+    assert losses[-1] < losses[0] and all(numpy.isfinite(losses))
+    assert all(value.dtype == numpy.float32 for _, value, _ in result.model.parameters())
+    assert result.model.compute_dtype == F16
+
+
+def test_pure_float16_and_bad_dtypes():
+    """``dtype=float16`` alone: parameters, activations and gradients all
+    float16.  A compute dtype wider than the parameters', or a dtype that
+    is not floating, is refused, naming the argument."""
+    images, labels = _noisy_charts(2, "5day", seed=5)
+    net = model.PriceTrendCNN("5day", dtype=F16, seed=0)
+    logits = net.forward(images.astype(F16), training=True)
+    _, grad = model.softmax_cross_entropy(logits, labels)
+    assert logits.dtype == F16 and net.backward(grad).dtype == F16
+    assert {v.dtype for _, v, g in net.parameters()} == {g.dtype for _, v, g in net.parameters()} \
+        == {numpy.dtype(F16)}
+    full = model.PriceTrendCNN("5day", seed=0)
+    assert _rel(logits, full.forward(images, training=True)) < 2e-2
+    with pytest.raises(ValueError, match="compute_dtype must be no wider than dtype"):
+        model.PriceTrendCNN(dtype=numpy.float32, compute_dtype=numpy.float64)
+    with pytest.raises(ValueError, match="dtype must be a floating dtype"):
+        model.PriceTrendCNN(dtype=numpy.int16)
+    with pytest.raises(ValueError, match="compute_dtype must be a floating dtype"):
+        model.PriceTrendCNN(compute_dtype=numpy.int8)
+    with pytest.raises(TypeError, match="compute_dtype"):
+        model.PriceTrendCNN(compute_dtype="no such dtype")
+
+
+def test_bfloat16_mixed_precision():
+    """bfloat16 compute (ml_dtypes) runs the same rules: bfloat16
+    activations within bfloat16's resolution of the float32 model, float32
+    gradients."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = numpy.dtype(ml_dtypes.bfloat16)
+    images, labels = _noisy_charts(2, "5day", seed=7)
+    net = model.PriceTrendCNN("5day", seed=0, compute_dtype=bf16, dropout=0)
+    full = model.PriceTrendCNN("5day", seed=0, dropout=0)
+    logits = net.forward(images, training=True)
+    assert logits.dtype == bf16
+    assert _rel(logits, full.forward(images, training=True)) < 3e-2
+    _, grad = model.softmax_cross_entropy(logits, labels)
+    net.backward(grad, input_gradient=False)
+    assert {g.dtype for _, _, g in net.parameters()} == {numpy.dtype(numpy.float32)}
+
+
+def test_main_with_compute_dtype(capsys):
+    status = train.main(["--train-size", "64", "--test-size", "32", "--epochs", "1",
+                         "--batch-size", "32", "--device", "cpu", "--no-plots",
+                         "--compute-dtype", "float16"])
+    out = capsys.readouterr().out
+    assert status == 0 and "float32 parameters, float16 compute" in out
+    assert "final test accuracy" in out

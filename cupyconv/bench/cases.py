@@ -33,6 +33,7 @@ PEER_LABELS = {
         "cupyconv": "cupyconv (CUDA kernels)",
         "torch": "PyTorch cuDNN, TF32 off",
         "torch-tf32": "PyTorch cuDNN, TF32 on",
+        "torch-fp16": "PyTorch cuDNN, autocast float16",
         "plain": "plain CuPy",
     },
 }
@@ -79,6 +80,9 @@ class Case:
     #: ``pct_of_matmul`` compares with; the dtype when None.
     matmul_mode: Optional[str] = None
     profile_steps: int = 0  # calls of each Impl.profile for the per-layer breakdown
+    #: Largest relative difference from the first implementation that counts
+    #: as agreement (``max_rel_diff``); None: :data:`run.AGREEMENT_TOLERANCE`.
+    tolerance: Optional[float] = None
 
     @property
     def bound(self):
@@ -636,8 +640,9 @@ def build_cases(device, ops=OPS, quick=False):
             cases += _precision_cases(device, xp, torch, layers, size, seed, quick)
     if "train_step" in ops:
         for model in ("5day", "20day"):
-            cases.append(train_step_case(device, xp, torch, model, size["train_n"],
-                                         size["profile_steps"]))
+            for mode in TRAIN_MODES if device == "gpu" else ("float32",):
+                cases.append(train_step_case(device, xp, torch, model, size["train_n"],
+                                             size["profile_steps"], mode))
     return cases
 
 
@@ -661,10 +666,27 @@ def _precision_cases(device, xp, torch, layers, size, seed, quick):
 
 # --- the demo's training step ---------------------------------------------
 
-def train_step_case(device, xp, torch, model, n, profile_steps):
+#: Precision modes of the training step (the GPU runs each, the CPU
+#: float32): mode -> (title suffix, cupyconv's variant, PyTorch's peer,
+#: agreement tolerance).  "float32" is exact float32 on both sides (TF32
+#: off); "tf32" the float32 model under ``cupyconv.default_precision("tf32")``
+#: against PyTorch with TF32 on; "float16" mixed precision, the model with
+#: ``compute_dtype=float16`` and a GradScaler against the twin under
+#: ``torch.autocast`` with float16 and ``torch.amp.GradScaler``.  float16
+#: results differ by a few float16 roundings (2**-11 each) through every
+#: layer, hence the looser tolerance.
+TRAIN_MODES = {
+    "float32": ("", "", "torch", None),
+    "tf32": (", TF32", "tf32", "torch-tf32", None),
+    "float16": (", float16 mixed precision", "float16 mixed", "torch-fp16", 2e-2),
+}
+
+
+def train_step_case(device, xp, torch, model, n, profile_steps, mode="float32"):
     """One training step of the demo's CNN (``model`` "5day" or "20day",
     batch ``n``): forward, softmax cross-entropy, backward, Adam, against
-    the same network in PyTorch (see :mod:`cupyconv.bench.trainstep`).
+    the same network in PyTorch (see :mod:`cupyconv.bench.trainstep`), both
+    in precision ``mode`` (a key of :data:`TRAIN_MODES`).
 
     Every implementation trains its own copy of the network, from the same
     initial weights, a step per call.  The first call, whose loss, logits
@@ -678,6 +700,7 @@ def train_step_case(device, xp, torch, model, n, profile_steps):
     from ..demo.charts import CHART_SPECS, make_charts
     from . import trainstep
 
+    title_suffix, detail, _, tolerance = TRAIN_MODES[mode]
     spec = CHART_SPECS[model]
     features = demo_model.layer_shapes(model)[-1][1][0]
     shapes = {"images": (n, spec.height, spec.width, 1)}
@@ -706,31 +729,43 @@ def train_step_case(device, xp, torch, model, n, profile_steps):
 
     def ours_prepare(inputs):
         if "net" not in shared:
-            net = demo_model.PriceTrendCNN(model, xp=xp, seed=0)
-            shared.update(net=net, optimizer=demo_model.Adam(net, lr=1e-4), checked=False)
+            mixed = mode == "float16"
+            net = demo_model.PriceTrendCNN(model, xp=xp, seed=0,
+                                           compute_dtype=numpy.float16 if mixed else None)
+            shared.update(net=net, optimizer=demo_model.Adam(net, lr=1e-4), checked=False,
+                          scaler=demo_model.GradScaler() if mixed else None)
         return dict(inputs, shared=shared)
 
     def ours_run(s):
         shared = s["shared"]
-        net, optimizer = shared["net"], shared["optimizer"]
+        step = (shared["net"], shared["optimizer"], s["images"], s["labels"], shared["scaler"])
         if shared["checked"]:
-            return trainstep.cupyconv_step(net, optimizer, s["images"], s["labels"])
+            return trainstep.cupyconv_step(*step)
         shared["checked"] = True
-        with trainstep.fixed_dropout(net, s["uniform"]):
-            loss, logits = trainstep.cupyconv_step(net, optimizer, s["images"], s["labels"])
-        return loss, logits, dict(net.layers)["fc"].grads["weight"]
+        with trainstep.fixed_dropout(shared["net"], s["uniform"]):
+            loss, logits = trainstep.cupyconv_step(*step)
+        return loss, logits, dict(shared["net"].layers)["fc"].grads["weight"]
 
     def ours_profile(s):
         shared = s["shared"]
         return trainstep.cupyconv_profiled_step(shared["net"], shared["optimizer"],
-                                                s["images"], s["labels"], sync)
+                                                s["images"], s["labels"], sync,
+                                                shared["scaler"])
 
     def ours_canonical(outputs):
-        return (xp.asarray(outputs[0], numpy.float32).reshape(1),) + tuple(outputs[1:])
+        loss, *rest = outputs
+        return (xp.asarray(loss, numpy.float32).reshape(1),) + tuple(
+            a.astype(numpy.float32, copy=False) for a in rest)
+
+    context = contextlib.nullcontext
+    if mode == "tf32":
+        def context():
+            return cupyconv.default_precision("tf32")
 
     impls = [Impl(peer="cupyconv", prepare=ours_prepare, run=ours_run,
-                  to_canonical=ours_canonical, profile=ours_profile)]
-    impls += _torch_train_impls(torch, device, xp, model)
+                  to_canonical=ours_canonical, profile=ours_profile, detail=detail,
+                  context=context)]
+    impls += _torch_train_impls(torch, device, xp, model, mode)
     convs = [(name, shape) for name, shape in demo_model.layer_shapes(model)
              if name.endswith(".conv")]
     kh, kw = demo_model.KERNEL
@@ -740,24 +775,28 @@ def train_step_case(device, xp, torch, model, n, profile_steps):
         c_in = c
     flops = 3 * conv_flops + 3 * 2 * n * features * 2
     images_bytes = math.prod(shapes["images"]) * 4
+    key_suffix = "" if mode == "float32" else f"_{mode}"
     return Case(
-        key=f"train_{model}", op="train_step", group="train", device=device,
-        title=f"training step, {model} CNN, batch {n}", dtype="float32",
-        shapes=shapes, params={"model": model, "batch": n}, make_inputs=make_inputs,
-        impls=impls, flops=flops, bytes=images_bytes, profile_steps=profile_steps,
+        key=f"train_{model}{key_suffix}", op="train_step", group="train", device=device,
+        title=f"training step, {model} CNN, batch {n}{title_suffix}",
+        dtype="float32", shapes=shapes, params={"model": model, "batch": n, "mode": mode},
+        make_inputs=make_inputs, impls=impls, flops=flops, bytes=images_bytes,
+        profile_steps=profile_steps, tolerance=tolerance,
+        matmul_mode=None if mode == "float32" else mode,
         note="flops = 3x the convolutions' and the Linear layer's forward "
              "(2*N*Ho*Wo*C_out*kh*kw*C_in each); the first convolution's input "
              "gradient is not computed")
 
 
-def _torch_train_impls(torch, device, xp, model):
-    """The PyTorch twin's step in NCHW and channels_last, on the GPU with
-    TF32 off and on."""
+def _torch_train_impls(torch, device, xp, model, mode="float32"):
+    """The PyTorch twin's step in NCHW and channels_last, in precision
+    ``mode`` (see :data:`TRAIN_MODES`)."""
     if torch is None:
         return []
     from ..demo import model as demo_model
     from . import trainstep
 
+    peer = TRAIN_MODES[mode][2]
     torch_device = "cuda" if device == "gpu" else "cpu"
     if device == "gpu":
         sync = torch.cuda.synchronize
@@ -765,50 +804,51 @@ def _torch_train_impls(torch, device, xp, model):
         def sync():
             pass
     impls = []
-    for tf32 in (False, True) if device == "gpu" else (False,):
-        for detail, fmt in _torch_layouts(torch):
-            shared = {}  # the one network this variant trains
+    for detail, fmt in _torch_layouts(torch):
+        shared = {}  # the one network this variant trains
 
-            def prepare(inputs, fmt=fmt, shared=shared):
-                if "layers" not in shared:
-                    # The same initial weights as cupyconv's (same seed).
-                    net = demo_model.PriceTrendCNN(model, seed=0)
-                    layers, optimizer = trainstep.torch_twin(torch, net, torch_device, fmt)
-                    shared.update(net=net, layers=layers, optimizer=optimizer, checked=False)
-                return dict(shared=shared,
-                            images=_to_torch(torch, inputs["images"], "act", fmt),
-                            labels=torch.from_dlpack(inputs["labels"]),
-                            uniform=inputs["uniform"])
+        def prepare(inputs, fmt=fmt, shared=shared):
+            if "layers" not in shared:
+                # The same initial weights as cupyconv's (same seed).
+                net = demo_model.PriceTrendCNN(model, seed=0)
+                layers, optimizer = trainstep.torch_twin(torch, net, torch_device, fmt)
+                scaler = torch.amp.GradScaler(torch_device) if mode == "float16" else None
+                shared.update(net=net, layers=layers, optimizer=optimizer, scaler=scaler,
+                              checked=False)
+            return dict(shared=shared,
+                        images=_to_torch(torch, inputs["images"], "act", fmt),
+                        labels=torch.from_dlpack(inputs["labels"]),
+                        uniform=inputs["uniform"])
 
-            def run(s):
-                shared = s["shared"]
-                layers, optimizer = shared["layers"], shared["optimizer"]
-                if shared["checked"]:
-                    return trainstep.torch_step(torch, layers, optimizer, s["images"],
-                                                s["labels"])
-                shared["checked"] = True
-                with trainstep.fixed_dropout(shared["net"], s["uniform"], torch, layers):
-                    loss, logits = trainstep.torch_step(torch, layers, optimizer,
-                                                        s["images"], s["labels"])
-                return loss, logits, layers.fc.weight.grad
+        def run(s):
+            shared = s["shared"]
+            step = (torch, shared["layers"], shared["optimizer"], s["images"], s["labels"],
+                    shared["scaler"])
+            if shared["checked"]:
+                return trainstep.torch_step(*step)
+            shared["checked"] = True
+            with trainstep.fixed_dropout(shared["net"], s["uniform"], torch, shared["layers"]):
+                loss, logits = trainstep.torch_step(*step)
+            return loss, logits, shared["layers"].fc.weight.grad
 
-            def profile(s):
-                shared = s["shared"]
-                return trainstep.torch_profiled_step(torch, shared["layers"], shared["optimizer"],
-                                                     s["images"], s["labels"], sync)
+        def profile(s):
+            shared = s["shared"]
+            return trainstep.torch_profiled_step(torch, shared["layers"], shared["optimizer"],
+                                                 s["images"], s["labels"], sync,
+                                                 shared["scaler"])
 
-            def canonical(outputs):
-                loss, logits, fc_grad = outputs
-                # (2, c*h*w) -> our (h*w*c, 2): NHWC flattening.
-                h, w, c = demo_model.layer_shapes(model)[-2][1]
-                fc_grad = fc_grad.reshape(-1, c, h, w).permute(2, 3, 1, 0).reshape(-1, 2)
-                return (_from_torch(xp, loss.float().reshape(1), "raw"),
-                        _from_torch(xp, logits.float(), "raw"),
-                        _from_torch(xp, fc_grad.float(), "raw"))
+        def canonical(outputs):
+            loss, logits, fc_grad = outputs
+            # (2, c*h*w) -> our (h*w*c, 2): NHWC flattening.
+            h, w, c = demo_model.layer_shapes(model)[-2][1]
+            fc_grad = fc_grad.reshape(-1, c, h, w).permute(2, 3, 1, 0).reshape(-1, 2)
+            return (_from_torch(xp, loss.float().reshape(1), "raw"),
+                    _from_torch(xp, logits.float(), "raw"),
+                    _from_torch(xp, fc_grad.float(), "raw"))
 
-            impls.append(Impl(
-                peer="torch-tf32" if tf32 else "torch", prepare=prepare, run=run,
-                to_canonical=canonical, detail=detail, profile=profile,
-                clock="torch" if device == "gpu" else "cupy", traced=False,
-                context=_torch_context(torch, device, tf32)))
+        impls.append(Impl(
+            peer=peer, prepare=prepare, run=run,
+            to_canonical=canonical, detail=detail, profile=profile,
+            clock="torch" if device == "gpu" else "cupy", traced=False,
+            context=_torch_context(torch, device, mode == "tf32")))
     return impls

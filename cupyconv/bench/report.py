@@ -254,12 +254,12 @@ def _sweep_section(results, device):
 def _layers_section(record):
     """The per-layer breakdown of a training-step case: each phase's median
     time per implementation, and cupyconv's over PyTorch's faster variant
-    (TF32 off on the GPU)."""
+    (both in the case's precision mode)."""
     entries = [e for e in record.get("layers", ()) if "phases" in e]
     ours = next((e for e in entries if e["peer"] == "cupyconv"), None)
     if ours is None:
         return []
-    torch = [e for e in entries if e["peer"] == "torch"]
+    torch = [e for e in entries if e["peer"].startswith("torch")]
     header = ["phase"] + [e["label"] + (f" ({e['detail']})" if e["detail"] else "")
                           for e in entries]
     if torch:
@@ -283,19 +283,23 @@ def _layers_section(record):
 
 def _problems_section(result):
     tol = result["settings"]["agreement_tolerance"]
-    lines = []
+    lines, own = [], {}
     for record in result["results"]:
+        if "tolerance" in record:
+            own[record["title"]] = record["tolerance"]
         for row in record["timings"]:
             where = f"{DEVICE_NAMES[record['device']]}, {record['title']}, {row['label']}" + (
                 f" ({row['detail']})" if row["detail"] else "")
             if "error" in row:
                 lines.append(f"- {where}: failed: `{row['error']}`")
-            elif row.get("max_rel_diff", 0) > tol:
+            elif row.get("max_rel_diff", 0) > record.get("tolerance", tol):
                 lines.append(f"- {where}: result differs from the reference by "
                              f"{row['max_rel_diff']:.2e} (relative)")
     if not lines:
+        exceptions = "; ".join(f"{t:g} in {title}" for title, t in own.items())
         lines.append(f"Every implementation ran, and all agreed with the first one "
-                     f"(cupyconv) within {tol:g} relative difference.")
+                     f"(cupyconv) within {tol:g} relative difference"
+                     + (f" ({exceptions})" if exceptions else "") + ".")
     return lines
 
 
@@ -347,7 +351,9 @@ def markdown(result, plot_path=None, plot_note=None, report_path=None):
         "is shown. \"rate\" is cupyconv's throughput: GB/s of compulsory traffic for "
         "memory-bound ops (as a share of the measured copy bandwidth) and "
         "FLOP/s for convolutions (as a share of the measured float32 matmul). "
-        "All data is float32.",
+        "All data is float32, except in the cases that name another precision "
+        "(on the GPU: TF32, float16, bfloat16), which are compared with PyTorch "
+        "in the same precision.",
         "",
         "## Machine and versions",
         "",

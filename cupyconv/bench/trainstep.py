@@ -9,6 +9,14 @@ same initial weights (``nn.Conv2d`` -> ``nn.BatchNorm2d`` ->
 channels_last memory format.  The images do not need a gradient on either
 side, so neither computes one.
 
+Mixed precision: given a scaler (a :class:`~cupyconv.demo.model.GradScaler`
+for the model built with ``compute_dtype=numpy.float16``, a
+``torch.amp.GradScaler`` for the twin), a step follows PyTorch's AMP
+recipe: the forward pass and the loss under ``torch.autocast`` with
+float16 (cupyconv's model casts as autocast does), the backward pass from
+the scaled loss, then the scaler's step (unscale, skip on inf or nan) and
+update.
+
 Dropout draws its masks from each library's own generator, so two steps
 agree only when both use the same mask: :func:`fixed_dropout` makes both
 keep the inputs where given uniform numbers are at least ``p``, which the
@@ -33,12 +41,18 @@ __all__ = ["cupyconv_step", "torch_twin", "torch_step", "fixed_dropout",
            "cupyconv_profiled_step", "torch_profiled_step"]
 
 
-def cupyconv_step(net, optimizer, images, labels):
-    """One training step of ``net``; returns ``(loss, logits)``."""
+def cupyconv_step(net, optimizer, images, labels, scaler=None):
+    """One training step of ``net``, with loss scaling by ``scaler`` if
+    given; returns ``(loss, logits)``."""
     logits = net.forward(images, training=True)
     loss, grad = demo_model.softmax_cross_entropy(logits, labels)
-    net.backward(grad, input_gradient=False)
-    optimizer.step()
+    if scaler is None:
+        net.backward(grad, input_gradient=False)
+        optimizer.step()
+    else:
+        net.backward(scaler.scale(grad), input_gradient=False)
+        scaler.step(optimizer)
+        scaler.update()
     return loss, logits
 
 
@@ -90,14 +104,29 @@ def _tensor(torch, a, device):
     return torch.from_numpy(numpy.array(cupyconv.asnumpy(a), order="C")).to(device)
 
 
-def torch_step(torch, layers, optimizer, images, labels):
-    """One training step of the twin; returns ``(loss, logits)``."""
+def torch_step(torch, layers, optimizer, images, labels, scaler=None):
+    """One training step of the twin; with ``scaler`` (a
+    ``torch.amp.GradScaler``) under ``torch.autocast`` with float16 and
+    loss scaling.  Returns ``(loss, logits)``."""
     optimizer.zero_grad(set_to_none=True)
-    logits = layers(images)
-    loss = torch.nn.functional.cross_entropy(logits, labels)
-    loss.backward()
-    optimizer.step()
+    with _autocast(torch, images, scaler):
+        logits = layers(images)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return loss, logits
+
+
+def _autocast(torch, images, scaler):
+    """float16 autocast on the images' device where a scaler is given."""
+    if scaler is None:
+        return contextlib.nullcontext()
+    return torch.autocast(images.device.type, dtype=torch.float16)
 
 
 @contextlib.contextmanager
@@ -142,7 +171,8 @@ def _mask_module(torch, keep, scale):
     return Mask()
 
 
-def cupyconv_profiled_step(net, optimizer, images, labels, sync=lambda: None):
+def cupyconv_profiled_step(net, optimizer, images, labels, sync=lambda: None,
+                           scaler=None):
     """A step of ``net`` as :func:`cupyconv_step` does it, layer by layer,
     timing each layer's forward (``"<layer> forward"``) and backward; returns
     ``{phase: seconds}``."""
@@ -153,19 +183,30 @@ def cupyconv_profiled_step(net, optimizer, images, labels, sync=lambda: None):
         x = layer.forward(x, training=True)
         times[f"{name} forward"] = clock.lap()
     loss, grad = demo_model.softmax_cross_entropy(x, labels)
+    if scaler is not None:
+        grad = scaler.scale(grad)
     times["loss"] = clock.lap()
     (first_name, first), *rest = net.layers
-    for name, layer in reversed(rest):
-        grad = layer.backward(grad)
-        times[f"{name} backward"] = clock.lap()
-    first.backward(grad, input_gradient=False)
+    # Scaled float16 gradients may overflow (the scaler skips that step), as
+    # PriceTrendCNN.backward lets them, without a NumPy warning.
+    with (numpy.errstate(over="ignore", invalid="ignore") if scaler is not None
+          else contextlib.nullcontext()):
+        for name, layer in reversed(rest):
+            grad = layer.backward(grad)
+            times[f"{name} backward"] = clock.lap()
+        first.backward(grad, input_gradient=False)
     times[f"{first_name} backward"] = clock.lap()
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     times["optimizer"] = clock.lap()
     return times
 
 
-def torch_profiled_step(torch, layers, optimizer, images, labels, sync=lambda: None):
+def torch_profiled_step(torch, layers, optimizer, images, labels, sync=lambda: None,
+                        scaler=None):
     """A step of the twin, one module at a time: each module's output is
     detached, so that each backward runs through that module alone (what
     autograd does in one sweep otherwise).  Names match
@@ -175,20 +216,26 @@ def torch_profiled_step(torch, layers, optimizer, images, labels, sync=lambda: N
     clock = _Clock(sync)
     optimizer.zero_grad(set_to_none=True)
     x, links = images, []
-    for name, module in zip(names, layers.children()):
-        source = x.detach().requires_grad_(bool(links))
-        x = module(source)
-        links.append((name, source, x))
-        times[f"{name} forward"] = clock.lap()
-    logits = x.detach().requires_grad_()
-    torch.nn.functional.cross_entropy(logits, labels).backward()
+    with _autocast(torch, images, scaler):
+        for name, module in zip(names, layers.children()):
+            source = x.detach().requires_grad_(bool(links))
+            x = module(source)
+            links.append((name, source, x))
+            times[f"{name} forward"] = clock.lap()
+        logits = x.detach().requires_grad_()
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+    (loss if scaler is None else scaler.scale(loss)).backward()
     times["loss"] = clock.lap()
     grad = logits.grad
     for name, source, out in reversed(links):
         out.backward(grad)
         grad = source.grad
         times[f"{name} backward"] = clock.lap()
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     times["optimizer"] = clock.lap()
     return times
 

@@ -662,10 +662,11 @@ class PriceTrendCNN:
 
     def _overflow_allowed(self):
         """16-bit gradients scaled by a :class:`GradScaler` overflow to inf
-        now and then: no NumPy warning, the scaler skips that step."""
+        (and on to nan) now and then: no NumPy warning, the scaler skips
+        that step."""
         if self.compute_dtype.itemsize > 2:
             return contextlib.nullcontext()
-        return numpy.errstate(over="ignore")
+        return numpy.errstate(over="ignore", invalid="ignore")
 
     def parameters(self):
         """``(name, value, gradient)`` for every parameter, e.g.

@@ -21,7 +21,7 @@ import numpy
 
 from .. import _backend
 from .charts import CHART_SPECS, make_charts
-from .model import Adam, PriceTrendCNN, softmax_cross_entropy
+from .model import Adam, GradScaler, PriceTrendCNN, softmax_cross_entropy
 
 __all__ = ["main", "parse_args", "train", "evaluate", "TrainResult"]
 
@@ -90,6 +90,12 @@ def parse_args(argv=None):
                              "if present (default: %(default)s)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="parameter and activation dtype (default: %(default)s)")
+    parser.add_argument("--compute-dtype", choices=("float16", "bfloat16"), default=None,
+                        help="mixed precision, as torch.autocast: activations, "
+                             "convolutions and the last layer in this dtype, "
+                             "parameters, gradients and Adam in --dtype; float16 "
+                             "with dynamic loss scaling; bfloat16 needs ml_dtypes "
+                             "(default: --dtype throughout)")
     parser.add_argument("--output", default="cupyconv-demo",
                         help="folder for the PNGs, created if missing "
                              "(default: %(default)s)")
@@ -105,6 +111,12 @@ def parse_args(argv=None):
         args.signal = DEFAULT_SIGNAL[args.model]
     if not (args.lr > 0 and args.signal >= 0):
         parser.error("--lr must be > 0 and --signal >= 0")
+    if args.compute_dtype == "bfloat16":
+        try:
+            import ml_dtypes  # noqa: F401  (registers the dtype with NumPy)
+        except ImportError:
+            parser.error("--compute-dtype bfloat16 needs ml_dtypes "
+                         "(pip install ml_dtypes, or the bf16 extra)")
     return args
 
 
@@ -177,7 +189,7 @@ def evaluate(net, images, labels, batch_size=512):
 
 def train(train_charts, test_charts, *, model="5day", epochs=2, batch_size=128,
           lr=1e-4, dropout=0.5, seed=0, xp=numpy, dtype=numpy.float32,
-          progress=None):
+          compute_dtype=None, progress=None):
     """Train a fresh :class:`PriceTrendCNN` and evaluate it after every epoch.
 
     Training loss and accuracy are those of the training-mode passes
@@ -197,7 +209,9 @@ def train(train_charts, test_charts, *, model="5day", epochs=2, batch_size=128,
         Seeds the weights, dropout masks and the batch order.
     xp : module
         ``numpy`` or ``cupy``.
-    dtype : dtype
+    dtype, compute_dtype : dtype
+        As :class:`PriceTrendCNN` takes them; float16 ``compute_dtype``
+        with wider parameters trains with a :class:`GradScaler`.
     progress : TextProgress, optional
         An object like :class:`TextProgress`: ``progress.start(initial)``
         after evaluating the untrained model, ``progress.batch(epoch, seen,
@@ -218,8 +232,10 @@ def train(train_charts, test_charts, *, model="5day", epochs=2, batch_size=128,
     (2, ['images_per_second', 'seconds', 'test_accuracy'])
     """
     dtype = numpy.dtype(dtype)
-    net = PriceTrendCNN(model, xp=xp, dtype=dtype, seed=seed, dropout=dropout)
+    net = PriceTrendCNN(model, xp=xp, dtype=dtype, compute_dtype=compute_dtype, seed=seed,
+                        dropout=dropout)
     optimizer = Adam(net, lr=lr)
+    scaler = GradScaler(enabled=net.compute_dtype == numpy.float16 and dtype != numpy.float16)
     order_rng = numpy.random.default_rng([seed, 2])
     images = xp.asarray(train_charts.images)
     labels = xp.asarray(train_charts.labels)
@@ -240,8 +256,9 @@ def train(train_charts, test_charts, *, model="5day", epochs=2, batch_size=128,
             y = labels[index]
             logits = net.forward(x, training=True)
             loss, grad = softmax_cross_entropy(logits, y)
-            net.backward(grad, input_gradient=False)
-            optimizer.step()
+            net.backward(scaler.scale(grad), input_gradient=False)
+            scaler.step(optimizer)
+            scaler.update()
             batch_loss = float(loss)
             batch_correct = int((logits.argmax(axis=1) == y).sum())
             seen += len(index)
@@ -308,6 +325,15 @@ class TextProgress:
                 f" {s['images_per_second']:.0f} img/s")
         self.stream.write(("\r" + line.ljust(96) if self.live else line) + "\n")
         self.stream.flush()
+
+
+def _compute_dtype(name):
+    """``--compute-dtype`` as a dtype (None: none given)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return name
 
 
 def _array_module(device):
@@ -408,14 +434,17 @@ def main(argv=None):
                                signal=args.signal)
     test_charts = make_charts(args.test_size, args.model, seed=[args.seed, 1],
                               signal=args.signal)
+    precision = args.dtype + (f" parameters, {args.compute_dtype} compute"
+                              if args.compute_dtype else "")
     print(f"cupyconv demo: {args.model} CNN on {spec.height}x{spec.width} synthetic "
           f"charts ({args.train_size} train, {args.test_size} test, signal "
-          f"{args.signal}) on {device}, {args.dtype}")
+          f"{args.signal}) on {device}, {precision}")
     print(f"  data generated in {time.perf_counter() - start:.2f} s; "
           f"{train_charts.labels.mean():.1%} of training labels are 'up'")
     result = train(train_charts, test_charts, model=args.model, epochs=args.epochs,
                    batch_size=args.batch_size, lr=args.lr, dropout=args.dropout,
                    seed=args.seed, xp=xp, dtype=args.dtype,
+                   compute_dtype=_compute_dtype(args.compute_dtype),
                    progress=TextProgress(args.epochs))
     final = result.epochs[-1]
     print(f"final test accuracy: {final['test_accuracy']:.3f} "
