@@ -248,6 +248,30 @@ def test_short_training_improves_loss():
     assert all(0 <= e["test_accuracy"] <= 1 for e in result.epochs)
 
 
+F16 = numpy.float16
+
+
+def _rel(a, b):
+    """max |a - b| / max |b|, in float64."""
+    b = numpy.asarray(b, numpy.float64)
+    return float(numpy.abs(numpy.asarray(a, numpy.float64) - b).max() / numpy.abs(b).max())
+
+
+def _rel_norm(a, b):
+    """||a - b|| / ||b|| (Frobenius), in float64."""
+    a, b = (numpy.asarray(v, numpy.float64).ravel() for v in (a, b))
+    return float(numpy.linalg.norm(a - b) / numpy.linalg.norm(b))
+
+
+def _noisy_charts(n, arch, seed):
+    """Charts as float32 images with a little noise (no max-pool ties), labels."""
+    c = charts.make_charts(n, arch, seed=seed)
+    rng = numpy.random.default_rng(seed)
+    images = c.images[..., None] / numpy.float32(255)
+    images += numpy.float32(0.01) * rng.standard_normal(images.shape, numpy.float32)
+    return images, c.labels
+
+
 def _forward_backward(net, images, labels):
     logits = net.forward(images, training=True)
     loss, grad = model.softmax_cross_entropy(logits, labels)
@@ -283,6 +307,27 @@ def test_model_on_cpu_kernels_matches_numpy(arch, cpu_kernels):
     _assert_same_pass(got, expected, 1e-9)
 
 
+def test_mixed_precision_on_cpu_kernels_matches_numpy(cpu_kernels):
+    """The float16 mixed-precision model through the GPU code path (the
+    float16 convolution and pooling kernels, run by the CPU executor) gives
+    the NumPy path's float16 logits and float32 gradients, to float16
+    accuracy (each side rounds once per layer, summing in its own order)."""
+    from cpu_cuda import LAUNCHED, numpy_path
+
+    images, labels = _noisy_charts(2, "5day", seed=12)
+    with numpy_path():
+        expected = _forward_backward(
+            model.PriceTrendCNN("5day", seed=3, compute_dtype=F16, dropout=0), images, labels)
+    launched = sum(LAUNCHED.values())
+    got = _forward_backward(model.PriceTrendCNN("5day", seed=3, compute_dtype=F16, dropout=0),
+                            images, labels)
+    assert sum(LAUNCHED.values()) > launched
+    assert got[0].dtype == F16 and _rel(got[0], expected[0]) < 2e-3
+    for name, grad in expected[2].items():
+        assert got[2][name].dtype == numpy.float32
+        assert _rel_norm(got[2][name], grad) < 5e-3, name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["5day", "20day"])
 def test_model_on_gpu_matches_numpy(arch, gpu):
@@ -294,6 +339,31 @@ def test_model_on_gpu_matches_numpy(arch, gpu):
         model.PriceTrendCNN(arch, xp=gpu, dtype=numpy.float64, seed=3, dropout=0),
         gpu.asarray(images), gpu.asarray(c.labels))
     _assert_same_pass(got, expected, 1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["5day", "20day"])
+def test_mixed_precision_on_gpu_matches_numpy(arch, gpu):
+    """float16 mixed precision on the GPU (CuPy arrays: BatchNorm's float32
+    work arrays, cuBLAS's float16 products) against the NumPy path."""
+    images, labels = _noisy_charts(4, arch, seed=13)
+    expected = _forward_backward(
+        model.PriceTrendCNN(arch, seed=3, compute_dtype=F16, dropout=0), images, labels)
+    got = _forward_backward(
+        model.PriceTrendCNN(arch, xp=gpu, seed=3, compute_dtype=F16, dropout=0),
+        gpu.asarray(images), gpu.asarray(labels))
+    assert got[0].dtype == F16 and _rel(got[0], expected[0]) < 2e-3
+    for name, grad in expected[2].items():
+        assert got[2][name].dtype == numpy.float32
+        assert _rel_norm(got[2][name], grad) < 5e-3, name
+
+
+@pytest.mark.gpu
+def test_mixed_precision_training_on_gpu(gpu):
+    result = train.train(charts.make_charts(128, "5day", seed=10),
+                         charts.make_charts(64, "5day", seed=11), epochs=3, batch_size=32,
+                         lr=1e-3, seed=0, xp=gpu, compute_dtype=F16)
+    assert result.epochs[-1]["train_loss"] < result.epochs[0]["train_loss"]
 
 
 @pytest.mark.gpu
@@ -384,30 +454,6 @@ def test_batchnorm_and_leaky_relu_by_row_blocks(block_bytes, monkeypatch):
 
 
 # --- mixed precision -------------------------------------------------------
-
-F16 = numpy.float16
-
-
-def _rel(a, b):
-    """max |a - b| / max |b|, in float64."""
-    b = numpy.asarray(b, numpy.float64)
-    return float(numpy.abs(numpy.asarray(a, numpy.float64) - b).max() / numpy.abs(b).max())
-
-
-def _rel_norm(a, b):
-    """||a - b|| / ||b|| (Frobenius), in float64."""
-    a, b = (numpy.asarray(v, numpy.float64).ravel() for v in (a, b))
-    return float(numpy.linalg.norm(a - b) / numpy.linalg.norm(b))
-
-
-def _noisy_charts(n, arch, seed):
-    """Charts as float32 images with a little noise (no max-pool ties), labels."""
-    c = charts.make_charts(n, arch, seed=seed)
-    rng = numpy.random.default_rng(seed)
-    images = c.images[..., None] / numpy.float32(255)
-    images += numpy.float32(0.01) * rng.standard_normal(images.shape, numpy.float32)
-    return images, c.labels
-
 
 def _torch_grads(torch, layers, net):
     """The twin's parameter gradients in our layouts, by our names."""
