@@ -522,8 +522,8 @@ def test_mixed_precision_matches_torch_autocast():
         numpy.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-9, err_msg=name)
     net.forward(images, training=False)
     conv = dict(net.layers)["block1.conv"]
-    assert conv.w.dtype == F16
-    numpy.testing.assert_array_equal(conv.w, conv.params["weight"].astype(F16))
+    assert conv.compute_weight.dtype == F16
+    numpy.testing.assert_array_equal(conv.compute_weight, conv.params["weight"].astype(F16))
 
 
 def test_mixed_precision_dtypes_layer_by_layer():
@@ -584,7 +584,8 @@ def test_batchnorm_and_leaky_relu_in_float16_round_once(block_bytes, monkeypatch
                           (bn.grads["bias"], g64.sum(axis=axes)),
                           (bn.running_var, 0.9 + 0.1 * var * count / (count - 1))):
         assert got.dtype == numpy.float32
-        numpy.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * numpy.abs(expected).max())
+        numpy.testing.assert_allclose(got, expected, rtol=1e-5,
+                                      atol=1e-5 * numpy.abs(expected).max())
 
     act = model.LeakyReLU()
     out = act.forward(y, training=True)

@@ -311,15 +311,15 @@ class Conv2d(Layer):
     def forward(self, x, training):
         self.input_dtype = x.dtype
         self.x = x.astype(self.compute_dtype, copy=False)
-        self.w = self.params["weight"].astype(self.compute_dtype, copy=False)
-        return conv2d(self.x, self.w, **self.geometry)
+        self.compute_weight = self.params["weight"].astype(self.compute_dtype, copy=False)
+        return conv2d(self.x, self.compute_weight, **self.geometry)
 
     def backward(self, grad, input_gradient=True):
         weight = self.params["weight"]
         self.grads["weight"] = conv2d_weight(self.x, weight.shape, grad, **self.geometry
                                              ).astype(weight.dtype, copy=False)
         if input_gradient:
-            return conv2d_input(self.x.shape, self.w, grad, **self.geometry
+            return conv2d_input(self.x.shape, self.compute_weight, grad, **self.geometry
                                 ).astype(self.input_dtype, copy=False)
         return None
 
@@ -509,10 +509,10 @@ class Linear(Layer):
     def forward(self, x, training):
         self.input_dtype = x.dtype
         self.x = x.astype(self.compute_dtype, copy=False)
-        self.w = self.params["weight"].astype(self.compute_dtype, copy=False)
+        self.compute_weight = self.params["weight"].astype(self.compute_dtype, copy=False)
         bias = self.params["bias"].astype(self.compute_dtype, copy=False)
         with _small_products(x):
-            return _matmul(self.x, self.w) + bias
+            return _matmul(self.x, self.compute_weight) + bias
 
     def backward(self, grad):
         grad = grad.astype(self.compute_dtype, copy=False)
@@ -521,7 +521,7 @@ class Linear(Layer):
             self.grads["weight"] = _matmul(self.x.T, grad).astype(dtype, copy=False)
             self.grads["bias"] = grad.sum(axis=0, dtype=accumulator_dtype(grad.dtype)
                                           ).astype(dtype, copy=False)
-            return _matmul(grad, self.w.T).astype(self.input_dtype, copy=False)
+            return _matmul(grad, self.compute_weight.T).astype(self.input_dtype, copy=False)
 
 
 def _small_products(a):
