@@ -77,10 +77,7 @@ def forward(x, w, bias, geom):
     padded = _padded_input(x, pairs, work)
     transformed_w = _transformed_weights(w, geom, work)
     y = numpy.empty(geom.out_shape, work)
-    if bias is not None:
-        bias = bias.astype(work, copy=False)
-        if geom.layout == "NCHW":
-            bias = bias[:, None, None]
+    bias = _cpu._bias_to_add(bias, geom, work)
     channels_last = geom.layout == "NHWC"
 
     def block(ranges, scratch):
