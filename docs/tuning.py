@@ -24,7 +24,8 @@ import numpy
 
 import cupyconv as cc
 from cupyconv import _parallel
-from cupyconv.convolution import _cpu as conv_cpu, _cuda as conv_cuda
+from cupyconv.convolution import (_cpu as conv_cpu, _cuda as conv_cuda,
+                                  _winograd as conv_winograd)
 from cupyconv.dilation import _cpu as dilation_cpu
 from cupyconv.pooling import _cpu as pool_cpu
 
@@ -73,19 +74,37 @@ def _conv_call(layer, n, which="forward", xp=numpy):
     return calls[which]
 
 
+def _train_step_call(model, n):
+    """A no-argument call of one training step of the demo's CNN (forward,
+    loss, backward, Adam) on ``n`` of its charts."""
+    from cupyconv.bench import trainstep
+    from cupyconv.demo import model as demo_model
+    from cupyconv.demo.charts import make_charts
+
+    charts = make_charts(n, model, seed=0)
+    images = (charts.images[..., None] / numpy.float32(255)).astype(numpy.float32)
+    net = demo_model.PriceTrendCNN(model, seed=0)
+    optimizer = demo_model.Adam(net, lr=1e-4)
+    labels = charts.labels.astype(numpy.int64)
+    return lambda: trainstep.cupyconv_step(net, optimizer, images, labels)
+
+
 def _time(call, sync=None):
-    start = time.perf_counter()
+    """Wall and CPU seconds (of all the process's threads) of a call."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     call()
     if sync is not None:
         sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def _compare(cases, candidates, rounds, sync=None):
+def _compare(cases, candidates, rounds, sync=None, cpu_time=False):
     """Print the median time (ms) of each case under each candidate.
 
     ``cases`` maps a label to a call; ``candidates`` maps a label to a
-    context manager factory that sets the constants."""
+    context manager factory that sets the constants.  ``cpu_time`` adds the
+    median CPU time of all threads, which other tenants of a shared
+    machine disturb less than wall time."""
     for label, call in cases.items():
         times = {name: [] for name in candidates}
         for setting in candidates.values():  # warm up (and compile) each
@@ -95,9 +114,12 @@ def _compare(cases, candidates, rounds, sync=None):
             for name, setting in candidates.items():
                 with setting():
                     times[name].append(_time(call, sync))
-        cells = ", ".join(f"{name}: {1e3 * statistics.median(t):.3g} ms"
-                          for name, t in times.items())
-        print(f"{label}: {cells}", flush=True)
+        cells = []
+        for name, samples in times.items():
+            wall, cpu = (statistics.median(t) for t in zip(*samples))
+            cells.append(f"{name}: {1e3 * wall:.3g} ms"
+                         + (f" ({1e3 * cpu:.3g} ms CPU)" if cpu_time else ""))
+        print(f"{label}: {', '.join(cells)}", flush=True)
 
 
 def conv_block_elements(rounds):
@@ -137,6 +159,24 @@ def conv_tap_major(rounds):
     _compare(cases, {"pixel-major": lambda: _set(conv_cpu, _TAP_MAJOR_MAX_CHANNELS=-1),
                      "tap-major": lambda: _set(conv_cpu, _TAP_MAJOR_MAX_CHANNELS=10**9)},
              rounds)
+
+
+def conv_winograd_vs_im2col(rounds):
+    """The NumPy convolution's Winograd F(2, 3) against im2col, per direction
+    and channel counts (medians of wall and CPU time)."""
+    LAYERS["20-day L2"] = dict(c_in=64, c_out=128, hw=(13, 60), **SEED)
+    LAYERS["20-day L3"] = dict(c_in=128, c_out=256, hw=(6, 60), **SEED)
+    for c_in, c_out in ((16, 128), (32, 128), (64, 64)):
+        LAYERS[f"seed L2 as {c_in}->{c_out}"] = dict(LAYERS["seed L2"], c_in=c_in, c_out=c_out)
+    cases = {f"{layer} {which}, N={n}": _conv_call(layer, n, which)
+             for layer, n in ((layer, 32 if layer == "ResNet 3x3" else 128) for layer in LAYERS)
+             for which in ("forward", "input_grad", "weight_grad")}
+    cases.update({f"{model} training step, N=128": _train_step_call(model, 128)
+                  for model in ("5day", "20day")})
+    thresholds = ("_MIN_IN_CHANNELS", "_MIN_OUT_CHANNELS", "_MIN_OUTPUT_COLUMNS")
+    candidates = {"im2col": lambda: _set(conv_winograd, _MIN_IN_CHANNELS=2**62),
+                  "winograd": lambda: _set(conv_winograd, **dict.fromkeys(thresholds, 1))}
+    _compare(cases, candidates, rounds, cpu_time=True)
 
 
 def pool_fused_pixels(rounds):
@@ -248,6 +288,7 @@ EXPERIMENTS = {
     "conv-blocks-per-core": conv_blocks_per_core,
     "conv-short-reduction": conv_short_reduction,
     "conv-tap-major": conv_tap_major,
+    "conv-winograd": conv_winograd_vs_im2col,
     "pool-fused-pixels": pool_fused_pixels,
     "dilation-runs": dilation_runs,
     "conv-weight-grad-splits": conv_weight_grad_splits,

@@ -2,12 +2,13 @@
 
 The code: :mod:`._geometry` (sizes, padding and output size, checked once
 per call), :mod:`._cpu` (the NumPy path, an im2col matrix product),
+:mod:`._winograd` (the NumPy path's Winograd F(2, 3) for kernels 3 wide),
 :mod:`._cuda` (launch code of ``cuda/convolution.cu``).
 """
 
 from .. import _args, _backend
 from .._interop import interoperable
-from . import _cpu, _cuda, _geometry, _precision
+from . import _cpu, _cuda, _geometry, _precision, _winograd
 
 __all__ = ["conv2d", "conv2d_input", "conv2d_weight"]
 
@@ -141,7 +142,7 @@ def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     if _backend.use_kernels(xp):
         return _cuda.forward(x, w, bias, geom, precision)
     x, w = _precision.rounded_operands(precision, x, w)
-    return _cpu.forward(x, w, bias, geom)
+    return _cpu_path(geom, x.dtype).forward(x, w, bias, geom)
 
 
 @interoperable
@@ -220,7 +221,7 @@ def conv2d_input(input_shape, w, grad_out, stride=1, padding=0, dilation=1,
     if _backend.use_kernels(xp):
         return _cuda.input_grad(w, grad_out, geom, precision)
     w, grad_out = _precision.rounded_operands(precision, w, grad_out)
-    return _cpu.input_grad(w, grad_out, geom)
+    return _cpu_path(geom, w.dtype).input_grad(w, grad_out, geom)
 
 
 @interoperable
@@ -294,4 +295,10 @@ def conv2d_weight(x, weight_shape, grad_out, stride=1, padding=0,
     if _backend.use_kernels(xp):
         return _cuda.weight_grad(x, grad_out, geom, precision)
     x, grad_out = _precision.rounded_operands(precision, x, grad_out)
-    return _cpu.weight_grad(x, grad_out, geom)
+    return _cpu_path(geom, x.dtype).weight_grad(x, grad_out, geom)
+
+
+def _cpu_path(geom, dtype):
+    """The NumPy path's module: Winograd's F(2, 3) where it applies
+    (:func:`._winograd.applies`), else im2col."""
+    return _winograd if _winograd.applies(geom, dtype) else _cpu

@@ -18,6 +18,9 @@ gathered matrix's transpose by ``grad_out``; ``conv2d_input`` multiplies
 ``grad_out`` by the weights' transpose and adds each tap's columns back where
 they were gathered from ("col2im"), so input pixels that no tap reads (the
 stride skips them) get zero gradient.
+
+Kernels 3 wide with stride 1 along W and enough channels take
+:mod:`._winograd` instead, which builds on these blocks.
 """
 
 import math
@@ -62,10 +65,7 @@ def forward(x, w, bias, geom):
     padded = _padded_input(x, geom, work)
     weights = _weight_matrices(w, geom, work)
     y = numpy.empty(geom.out_shape, work)
-    if bias is not None:
-        bias = bias.astype(work, copy=False)
-        if geom.layout == "NCHW":
-            bias = bias[:, None, None]
+    bias = _bias_to_add(bias, geom, work)
     tap_major = _gather_tap_major(geom)
 
     def block(ranges, scratch):
@@ -135,6 +135,14 @@ def weight_grad(x, grad_out, geom):
     for scratch in _parallel.for_each_block(block, _blocks(geom), fixed_shares=True):
         grad += scratch.zeros("grad", shape, work)  # zeros if it took no block
     return _weight_from_matrices(grad, geom, x.dtype)
+
+
+def _bias_to_add(bias, geom, dtype):
+    """``bias`` in ``dtype``, shaped to add to an output block (None stays None)."""
+    if bias is None:
+        return None
+    bias = bias.astype(dtype, copy=False)
+    return bias[:, None, None] if geom.layout == "NCHW" else bias
 
 
 def _padded_shape(geom):

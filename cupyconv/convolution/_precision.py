@@ -7,7 +7,7 @@
     Each float32 operand rounded to TF32 (10 mantissa bits, to nearest, ties
     away from zero, as ``cvt.rna.tf32.f32``), products summed in float32 (on
     the GPU by tensor cores).  The NumPy path rounds its operands the same
-    way, so the two agree to float32 summation error and the effect of TF32
+    way, so the two agree to float32 rounding error and the effect of TF32
     on a model can be seen on the CPU.
 ``"3xtf32"``
     Each float32 operand split into a TF32 part and a TF32 remainder and
