@@ -112,3 +112,40 @@ def test_cache_keys_keep_bools_apart_from_ints():
     assert not _args._is_key((1, True))
     assert not _args._is_key([1, 1])
     assert not _args._is_key(np.int64(1))
+
+
+# ---- launch plans (convolution/_cuda.py and _cuda_mma.py) ----------------------
+
+def test_launch_plans_are_cached_and_follow_the_tunables(cpu_kernels, monkeypatch):
+    """A repeated geometry reuses its launch plan; a changed tunable makes a
+    new one (the tunables are part of the key), so patching one in a test
+    or docs/tuning.py never meets a stale plan."""
+    from cupyconv.convolution import _cuda
+
+    x = RNG.standard_normal((2, 12, 12, 128)).astype(np.float32)
+    w = RNG.standard_normal((3, 3, 128, 128)).astype(np.float32)
+    _cuda._forward_plan.cache_clear()
+    first = cc.conv2d(x, w, padding=1)
+    np.testing.assert_array_equal(cc.conv2d(x, w, padding=1), first)
+    info = _cuda._forward_plan.cache_info()
+    assert (info.hits, info.misses) == (1, 1)
+    geom = conv_geometry.conv2d_geometry(x.shape, w.shape, 1, 1, 1, 1, "NHWC")
+    assert _cuda._forward_plan(geom, x.dtype, _cuda._tuning()).tile == _cuda._TILE
+    monkeypatch.setattr(_cuda, "_LARGE_TILE_BLOCKS", 1)
+    assert _cuda._forward_plan(geom, x.dtype, _cuda._tuning()).tile == _cuda._LARGE_TILE
+    np.testing.assert_allclose(cc.conv2d(x, w, padding=1), first, rtol=1e-5, atol=1e-4)
+
+
+def test_tensor_core_plans_follow_the_tunables(monkeypatch):
+    from cupyconv.convolution import _cuda_mma
+
+    geom = conv_geometry.conv2d_geometry((16, 16, 16, 16), (3, 3, 16, 32), 1, 1, 1, 1, "NHWC")
+    dtype = np.dtype(np.float16)
+    before = _cuda_mma._weight_grad_plan(geom, dtype, "highest", _cuda_mma._tuning())
+    monkeypatch.setattr(_cuda_mma, "_MAX_WEIGHT_GRAD_SPLITS", 1)
+    after = _cuda_mma._weight_grad_plan(geom, dtype, "highest", _cuda_mma._tuning())
+    assert before.partial_shape is not None and before.partial_shape[0] > 1
+    assert after.partial_shape is None  # one split: no partial sums
+    tf32 = _cuda_mma._forward_plan(geom, np.dtype(np.float32), "tf32", _cuda_mma._tuning())
+    split3 = _cuda_mma._forward_plan(geom, np.dtype(np.float32), "3xtf32", _cuda_mma._tuning())
+    assert tf32.template.startswith("float, false") and split3.template.startswith("float, true")
