@@ -436,23 +436,6 @@ struct Product<__nv_bfloat16, false> : HalfProduct {
     }
 };
 
-template <typename T>
-__device__ __forceinline__ float to_float(T v) { return (float)v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-    return __bfloat162float(v);
-}
-template <typename T>
-__device__ __forceinline__ T from_float(float v) { return (T)v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
-
 // Block shapes.  Config 0: 128 x 128, 8 warps of 64 x 32; config 1: 64 x 64,
 // 4 warps of 32 x 32 (for outputs with few 128 x 128 tiles).
 template <int Config>
@@ -629,8 +612,8 @@ __device__ __forceinline__ void store(
                     if (col >= cols) continue;
                     const float v = acc[i][j][2 * half + e];
                     if (splits == 1) {
-                        const float shift = has_bias ? to_float(bias[col * bias_stride]) : 0.0f;
-                        out_row[col * col_stride] = from_float<T>(v + shift);
+                        const float shift = has_bias ? to_acc(bias[col * bias_stride]) : 0.0f;
+                        out_row[col * col_stride] = from_acc<T>(v + shift);
                     } else {
                         part[col] = v;
                     }
@@ -803,8 +786,8 @@ __global__ void convolution_split_sum_mma(
         for (int s = 1; s < splits; ++s) sum += partial[(index_t)s * count + e];
         const index_t col = e % cols, gr = e / cols;
         const index_t r = gr % rows, channel = gr / rows * cols + col;
-        if (has_bias) sum += to_float(bias[channel * bias_stride]);
-        out[map.offset(r) + channel * col_stride] = from_float<T>(sum);
+        if (has_bias) sum += to_acc(bias[channel * bias_stride]);
+        out[map.offset(r) + channel * col_stride] = from_acc<T>(sum);
     }
 }
 

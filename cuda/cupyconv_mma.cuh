@@ -21,6 +21,19 @@
 #include "cupyconv_common.cuh"
 
 namespace cupyconv {
+
+// bfloat16 sums in float32 too (cupyconv_common.cuh has float16's; only the
+// tensor-core kernels take bfloat16 arrays).
+template <> struct accumulator<__nv_bfloat16> { typedef float type; };
+template <>
+__device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) {
+    return __bfloat162float(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
 namespace mma {
 
 #ifndef CUPYCONV_CPU_EXECUTOR
