@@ -46,14 +46,19 @@ def cupyconv_step(net, optimizer, images, labels, scaler=None):
     given; returns ``(loss, logits)``."""
     logits = net.forward(images, training=True)
     loss, grad = demo_model.softmax_cross_entropy(logits, labels)
+    net.backward(grad if scaler is None else scaler.scale(grad), input_gradient=False)
+    _optimizer_step(optimizer, scaler)
+    return loss, logits
+
+
+def _optimizer_step(optimizer, scaler):
+    """The optimizer's step, through ``scaler`` when given (cupyconv's
+    GradScaler or PyTorch's: the same two calls)."""
     if scaler is None:
-        net.backward(grad, input_gradient=False)
         optimizer.step()
     else:
-        net.backward(scaler.scale(grad), input_gradient=False)
         scaler.step(optimizer)
         scaler.update()
-    return loss, logits
 
 
 def torch_twin(torch, net, device="cpu", memory_format=None, lr=1e-4):
@@ -112,13 +117,8 @@ def torch_step(torch, layers, optimizer, images, labels, scaler=None):
     with _autocast(torch, images, scaler):
         logits = layers(images)
         loss = torch.nn.functional.cross_entropy(logits, labels)
-    if scaler is None:
-        loss.backward()
-        optimizer.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    _optimizer_step(optimizer, scaler)
     return loss, logits
 
 
@@ -196,11 +196,7 @@ def cupyconv_profiled_step(net, optimizer, images, labels, sync=lambda: None,
             times[f"{name} backward"] = clock.lap()
         first.backward(grad, input_gradient=False)
     times[f"{first_name} backward"] = clock.lap()
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)
-        scaler.update()
+    _optimizer_step(optimizer, scaler)
     times["optimizer"] = clock.lap()
     return times
 
@@ -231,11 +227,7 @@ def torch_profiled_step(torch, layers, optimizer, images, labels, sync=lambda: N
         out.backward(grad)
         grad = source.grad
         times[f"{name} backward"] = clock.lap()
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)
-        scaler.update()
+    _optimizer_step(optimizer, scaler)
     times["optimizer"] = clock.lap()
     return times
 
